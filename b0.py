@@ -1,0 +1,96 @@
+"""B0: missing labels are treated as negatives (Gururani & Lerch, Sec. V, baseline B0).
+
+Every label counts; a missing label is taken to mean "absent" (y_nc = 0):
+
+    J_B0 = (1 / NC) sum_{n,c} BCE(p_nc, y_nc)
+
+Differs from B1 only in the loss: B1 averages over observed labels, B0 over all of them.
+It needs no knowledge of which labels are missing, and it is the teacher of label enhancement.
+
+    python b0.py --dataset openmic --seed 0
+
+Reads top to bottom: setup, model, the training step (the method), the epoch loop with
+model selection on the validation loss over observed labels, the test. Everything outside
+"ALGO LOGIC" is the same in every method script.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+# Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
+TABLE_I = {
+    "openmic": dict(layers=3, hidden=128, dropout=0.6),
+    "sonyc": dict(layers=1, hidden=512, dropout=0.6),
+}
+
+
+def main():
+    # TRY NOT TO MODIFY: arguments, seeding, device, data
+    parser = common.make_parser("B0: binary cross-entropy with missing labels as negatives.", TABLE_I)
+    args = common.parse_args(parser, TABLE_I)
+    common.check_writable(args.out)
+    started = time.time()
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    data = common.load_dataset(args, device)
+    train, val = data.train, data.val
+    train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
+
+    # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
+    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout).to(device)
+    opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+
+    # ALGO LOGIC: one training step of B0
+    def train_step(x, y, observed):            # x (B, T, D); y (B, C), 0 where missing
+        p = model(x)                            # (B, C) probabilities
+        loss = F.binary_cross_entropy(p, y)     # mean over all labels: missing = negative; `observed` unused
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm; the last partial batch is dropped
+    batch = min(args.batch_size, len(train.X))
+    n_batches = len(train.X) // batch
+    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
+                            device, args.fast, state=[model, opt])
+    history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch:(i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+        lr = opt.param_groups[0]["lr"]
+        scheduler.step()
+
+        # model selection: the validation BCE over observed labels
+        p = common.predict(model, val.X)
+        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+        train_loss = (total / n_batches).item()  # the epoch's one host sync
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seconds = time.time() - t0
+        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=float(lr), seconds=seconds))
+        common.log_epoch(epoch, args.epochs, seconds, train_loss=train_loss, val_loss=val_loss)
+
+    # TRY NOT TO MODIFY: test the selected model, write the run
+    model.load_state_dict(best_state)
+    scores = common.predict(model, data.test.X)
+    test = common.evaluate(scores, data.test, data)
+    print(f"best epoch {best_epoch} | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
+    record = common.run_record(args, device, started, method="b0", history=history, best_epoch=best_epoch,
+                               best_val_loss=best_loss, test=test)
+    common.save_run(common.run_dir(args, "b0"), record, {"model": best_state}, scores, data)
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
