@@ -22,7 +22,6 @@ import re
 import sys
 import tempfile
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,10 @@ class UserError(Exception):
 
 def fail(msg):
     raise UserError(msg)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 #####################################################################################
@@ -221,7 +224,7 @@ def load_dataset(args, device):
         empty = ~sp.observed.any(0).cpu().numpy()
         if empty.any():
             bad = [names[c] for c in np.flatnonzero(empty)]
-            warnings.warn(f"no observed {s} label for class(es) {bad}: their metrics are NaN and left out of the means")
+            warn(f"no observed {s} label for class(es) {bad}: their metrics are NaN and left out of the means")
             scored &= ~empty
     tr = splits["train"]
     print(f"data: {args.dataset} | train {len(tr.X)} val {len(splits['val'].X)} test {len(splits['test'].X)} clips"
@@ -241,7 +244,7 @@ def drop_labels(observed, rate, seed=1234):
     return observed
 
 
-def make_synthetic(n_train=2000, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)):
+def make_synthetic(n_train=1500, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)):
     """OpenMIC-shaped partially labelled data whose complete truth is known.
 
     Each class has a direction in feature space; a present class adds it, with a random
@@ -369,7 +372,7 @@ def load_h5(path):
     bad = ~np.isfinite(X).reshape(n, -1).all(1)
     if bad.any():
         fail(f"{path}: X has NaN or inf in {bad.sum()} of {n} rows")
-    unknown = sorted(set(split) - {"train", "val", "test"})
+    unknown = sorted({str(s) for s in split} - {"train", "val", "test"})
     if unknown:
         fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
     out = {}
@@ -547,7 +550,7 @@ def load_sonyc_embeddings(root, clips, csv_hash, shape=(11, 512)):
             f.attrs["key"] = key
         os.replace(tmp.name, cache)
     except OSError as e:  # a read-only data folder only costs the cache
-        warnings.warn(f"could not write the embedding cache {cache}: {e}")
+        warn(f"could not write the embedding cache {cache}: {e}")
     return X
 
 
@@ -681,16 +684,21 @@ def evaluate(scores, split, data):
 
 
 # ---- The official DCASE 2020 Task 5 metric ------------------------------------------
-# Re-implemented from the description of src/metrics.py in
-# sonyc-project/dcase2020task5-uststc-baseline; the curve sorting matches it exactly.
+# Written from a reading of src/metrics.py in sonyc-project/dcase2020task5-uststc-baseline:
+# the same thresholds, counts, precision/recall floors and curve end points.
 
 def _pr(tp, fp, fn):
     return tp / np.maximum(tp + fp, 0.5), tp / np.maximum(tp + fn, 0.5)
 
 
 def _auprc(P, R):
+    """Area under the curve (0, 1) -> the points sorted by recall -> (1, 0), by the trapezoid rule.
+    Points that share a recall keep their row order (descending thresholds per group, ascending
+    for the micro curve). The official code sorts with np.argsort's default, which is not stable:
+    where tied recalls carry different precisions its value depends on the numpy version and the
+    CPU; numpy 1.x sorted small arrays stably, as we do everywhere."""
     from sklearn.metrics import auc
-    order = np.argsort(R, kind="quicksort")
+    order = np.argsort(R, kind="stable")
     return float(auc(np.r_[0.0, R[order], 1.0], np.r_[1.0, P[order], 0.0]))
 
 

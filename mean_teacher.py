@@ -125,19 +125,18 @@ def main():
                          val_loss_teacher=entry["val_loss_teacher"], val_loss_student=entry["val_loss_student"])
 
     # TRY NOT TO MODIFY: test both selected networks (the teacher is the primary result), write the run
-    results = {}
-    for name, net in (("teacher", teacher), ("student", model)):
-        net.load_state_dict(best[name][2])
-        results[name] = (common.predict(net, data.test.X), None)
-        results[name] = (results[name][0], common.evaluate(results[name][0], data.test, data))
-    test, test_student = results["teacher"][1], results["student"][1]
+    teacher.load_state_dict(best["teacher"][2])
+    model.load_state_dict(best["student"][2])
+    scores = common.predict(teacher, data.test.X)
+    test = common.evaluate(scores, data.test, data)
+    test_student = common.evaluate(common.predict(model, data.test.X), data.test, data)
     print(f"best epoch {best['teacher'][1]} | test (teacher) " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
     print(f"best epoch {best['student'][1]} | test (student) " + " ".join(f"{k} {v:.4f}" for k, v in test_student.items() if not isinstance(v, dict)))
     record = common.run_record(args, device, started, method="mean_teacher", history=history,
                                best_epoch=best["teacher"][1], best_val_loss=best["teacher"][0],
                                best_epoch_student=best["student"][1], test=test, test_student=test_student)
     common.save_run(common.run_dir(args, "mean_teacher"), record,
-                    {"teacher": best["teacher"][2], "student": best["student"][2]}, results["teacher"][0], data)
+                    {"teacher": best["teacher"][2], "student": best["student"][2]}, scores, data)
 
 
 if __name__ == "__main__":
