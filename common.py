@@ -75,12 +75,18 @@ def float_in(lo, hi, hi_open=False):
     return check
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" except for options whose help already names a per-dataset default."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def make_parser(description, table):
     """The command line shared by every method script. `table` is the script's Table I:
     None-valued options take their default from it, per dataset."""
     def tdef(key):
         return ", ".join(f"{d} {row[key]}" for d, row in table.items())
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--dataset", type=_dataset_arg, default="synthetic",
                    help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file")
     p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/")
@@ -250,8 +256,8 @@ def make_synthetic(n_train=1500, n_val=500, n_test=1500, n_classes=20, frames=10
     Each class has a direction in feature space; a present class adds it, with a random
     strength, to a random run of 2-6 consecutive frames over Gaussian noise. Classes come
     in pairs whose directions are correlated, so some of them are easy to confuse. About 10%
-    of labels are observed, positives about six times more often than negatives (as in
-    OpenMIC's annotation), so B0's "missing = negative" is wrong for most positives.
+    of labels are observed, positives about four times as often as negatives (as in OpenMIC's
+    annotation), so B0's "missing = negative" is wrong for most positives.
     Fixed by its own seed: every method and training seed sees the same data.
     """
     rng = np.random.default_rng(seed)
