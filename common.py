@@ -250,7 +250,7 @@ def drop_labels(observed, rate, seed=1234):
     return observed
 
 
-def make_synthetic(n_train=1500, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)):
+def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)):
     """OpenMIC-shaped partially labelled data whose complete truth is known.
 
     Each class has a direction in feature space; a present class adds it, with a random

@@ -636,8 +636,8 @@ def test_batches_without_observed_labels_give_no_nan(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["b1", "mean_teacher"])
 def test_cuda_smoke_eager_and_fast(method, tmp_path):
-    ok(run(f"{method}.py", "--epochs", 3, "--device", "cuda", "--out", tmp_path / "eager"))
-    ok(run(f"{method}.py", "--epochs", 3, "--device", "cuda", "--fast", "--out", tmp_path / "fast"))
+    ok(run(f"{method}.py", "--epochs", 10, "--device", "cuda", "--out", tmp_path / "eager"))
+    ok(run(f"{method}.py", "--epochs", 10, "--device", "cuda", "--fast", "--out", tmp_path / "fast"))
     a = metrics_of(tmp_path / "eager", f"synthetic__{method}__seed0")["test"]["f1_macro"]
     b = metrics_of(tmp_path / "fast", f"synthetic__{method}__seed0")["test"]["f1_macro"]
     assert abs(a - b) < 0.05
