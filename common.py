@@ -279,6 +279,20 @@ def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10
     return {s: dict(X=X[c], Y=Y[c] & observed[c], observed=observed[c], Y_full=Y[c]) for s, c in cuts.items()}
 
 
+def _finite_float32(X, path):
+    """X as float32, or a clear error naming how many rows hold NaN or inf."""
+    X = X.astype(np.float32)
+    bad = ~np.isfinite(X).reshape(len(X), -1).all(1)
+    if bad.any():
+        fail(f"{path}: X has NaN or inf in {bad.sum()} of {len(X)} rows")
+    return X
+
+
+def _strings(values):
+    """HDF5 strings come back as bytes or str, depending on how they were written."""
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
 OPENMIC_LAYOUT = """expected layout (the unpacked openmic-2018-v1.0.0.tgz from Zenodo record 1432913,
 https://zenodo.org/record/1432913):
   {root}/openmic-2018.npz                  X (N, 10, 128), Y_true (N, 20), Y_mask (N, 20), sample_key (N,)
@@ -309,10 +323,7 @@ def load_openmic(root, val_share=0.15, split_seed=0):
         fail(f"{npz_path}: X should be (N, frames, features) with N = {n} keys, found {X.shape}")
     if Y_true.ndim != 2 or Y_mask.shape != Y_true.shape or Y_true.shape[0] != n:
         fail(f"{npz_path}: Y_true and Y_mask should both be (N, C) with N = {n}, found {Y_true.shape} and {Y_mask.shape}")
-    X = X.astype(np.float32)
-    bad = ~np.isfinite(X).reshape(n, -1).all(1)
-    if bad.any():
-        fail(f"{npz_path}: X has NaN or inf in {bad.sum()} of {n} rows")
+    X = _finite_float32(X, npz_path)
     map_path = root / "class-map.json"
     try:
         class_map = json.loads(map_path.read_text())
@@ -364,9 +375,9 @@ def load_h5(path):
             if "class_names" not in f.attrs:
                 fail(f"{path}: missing attribute class_names")
             X, Y, obs = f["X"][()], f["Y"][()], f["observed"][()].astype(bool)
-            split = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in f["split"][()]])
-            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][()]] if "keys" in f else None
-            names = [s.decode() if isinstance(s, bytes) else str(s) for s in f.attrs["class_names"]]
+            split = np.array(_strings(f["split"][()]))
+            keys = _strings(f["keys"][()]) if "keys" in f else None
+            names = _strings(f.attrs["class_names"])
     except OSError as e:
         fail(f"cannot read {path}: {e}")
     n = len(split)
@@ -374,11 +385,8 @@ def load_h5(path):
         fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {X.shape}")
     if Y.shape != obs.shape or Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] != len(names):
         fail(f"{path}: Y and observed should both be (N, C) = ({n}, {len(names)}), found {Y.shape} and {obs.shape}")
-    X = X.astype(np.float32)
-    bad = ~np.isfinite(X).reshape(n, -1).all(1)
-    if bad.any():
-        fail(f"{path}: X has NaN or inf in {bad.sum()} of {n} rows")
-    unknown = sorted({str(s) for s in split} - {"train", "val", "test"})
+    X = _finite_float32(X, path)
+    unknown = sorted(set(split) - {"train", "val", "test"})
     if unknown:
         fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
     out = {}
@@ -429,7 +437,6 @@ def read_sonyc_annotations(csv_path):
         coarse_names=[name[:-len("_presence")] for _, name in coarse],
         fine_names=[name[:-len("_presence")] for _, name in complete],
         fine_group=np.array([groups.index(c) for c, _ in complete]),           # (23,) coarse index of each fine tag
-        x_names={groups.index(c): name[:-len("_presence")] for c, f, name in fine if f == "X"},
         all_fine_names=[name[:-len("_presence")] for _, _, name in fine],
     )
     cols = [name for _, name in complete] + [name for c, f, name in fine if f == "X"] + [name for _, name in coarse]
@@ -478,8 +485,9 @@ def aggregate_sonyc(rows, tax):
 
 
 def sonyc_targets(values, tax, level):
-    """Targets and observed mask. Fine: a fine tag is missing where its value is -1 or where
-    its group's X tag is present (the annotator knew the group, not the fine type)."""
+    """Targets (N, C), observed mask (N, C) and the X tags present (N, groups). Fine: a fine tag
+    is missing where its value is -1 or where its group's X tag is present (the annotator knew
+    the group, not the fine type)."""
     n_fine, n_x = len(tax["fine_names"]), len(tax["x_groups"])
     fine, xtag, coarse = values[:, :n_fine], values[:, n_fine:n_fine + n_x], values[:, n_fine + n_x:]
     x_present = np.zeros((len(values), len(tax["coarse_names"])), bool)   # (N, 8)
@@ -504,9 +512,9 @@ def load_sonyc(root, level):
         if not files:
             fail(f"{csv_path}: no usable '{split}' clips (train needs crowd rows, validate/test a verified row)")
         Y, observed, x_present = sonyc_targets(values, tax, level)
-        truth = sonyc_targets(values, tax, "fine")[0]
-        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files,
-                         extra=dict(fine_truth=truth, x_truth=x_present, coarse_truth=values[:, -len(tax["coarse_names"]):] == 1))
+        truth = dict(fine_truth=values[:, :len(tax["fine_names"])] == 1, x_truth=x_present,  # for the DCASE metric
+                     coarse_truth=values[:, -len(tax["coarse_names"]):] == 1)
+        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files, extra=truth)
         start += len(files)
     mean = out["train"]["X"].mean((0, 1))
     std = out["train"]["X"].std((0, 1)) + 1e-8
@@ -548,13 +556,12 @@ def load_sonyc_embeddings(root, clips, csv_hash, shape=(11, 512)):
              + SONYC_LAYOUT.format(root=root))
     if misshaped:
         fail(f"{root / 'embeddings'}: {len(misshaped)} embedding(s) not {shape} or not finite, first {misshaped[:5]}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=root, suffix=".h5.tmp", delete=False) as tmp:
-            pass
-        with h5py.File(tmp.name, "w") as f:
+    def write(p):
+        with h5py.File(p, "w") as f:
             f.create_dataset("X", data=X)
             f.attrs["key"] = key
-        os.replace(tmp.name, cache)
+    try:
+        _atomic(cache, write)
     except OSError as e:  # a read-only data folder only costs the cache
         warn(f"could not write the embedding cache {cache}: {e}")
     return X
