@@ -386,7 +386,7 @@ def load_h5(path):
     if Y.shape != obs.shape or Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] != len(names):
         fail(f"{path}: Y and observed should both be (N, C) = ({n}, {len(names)}), found {Y.shape} and {obs.shape}")
     X = _finite_float32(X, path)
-    unknown = sorted(set(split) - {"train", "val", "test"})
+    unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
     if unknown:
         fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
     out = {}
