@@ -11,7 +11,7 @@ It needs no knowledge of which labels are missing, and it is the teacher of labe
 
 Reads top to bottom: setup, model, the training step (the method), the epoch loop with
 model selection on the validation loss over observed labels, the test. Everything outside
-"ALGO LOGIC" is the same in every method script.
+"ALGO LOGIC" is the same in b0.py and b1.py; the two-network scripts add their second network.
 """
 import time
 
@@ -27,20 +27,25 @@ TABLE_I = {
 }
 
 
-def main():
-    # TRY NOT TO MODIFY: arguments, seeding, device, data
+def get_args(argv=None):
     parser = common.make_parser("B0: binary cross-entropy with missing labels as negatives.", TABLE_I)
-    args = common.parse_args(parser, TABLE_I)
-    common.check_writable(args.out)
+    return common.parse_args(parser, TABLE_I, argv)
+
+
+def main():
+    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
+    args = get_args()
+    folder = common.claim_run_dir(args, "b0", TABLE_I)  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
-    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout).to(device)
+    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
+                                input_offset=data.input_offset, input_scale=data.input_scale).to(device)
     opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
 
@@ -59,28 +64,29 @@ def main():
     step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
                             device, args.fast, state=[model, opt])
     history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        perm = torch.randperm(len(train.X), device=device)
-        total = torch.zeros((), device=device)
-        for i in range(n_batches):
-            idx = perm[i * batch:(i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-        lr = opt.param_groups[0]["lr"]
-        scheduler.step()
+    with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
+        for epoch in range(1, args.epochs + 1):
+            t0 = time.time()
+            model.train()
+            perm = torch.randperm(len(train.X), device=device)
+            total = torch.zeros((), device=device)
+            for i in range(n_batches):
+                idx = perm[i * batch:(i + 1) * batch]
+                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            lr = opt.param_groups[0]["lr"]
+            scheduler.step()
 
-        # model selection: the validation BCE over observed labels
-        p = common.predict(model, val.X)
-        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-        train_loss = (total / n_batches).item()  # the epoch's one host sync
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        seconds = time.time() - t0
-        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=float(lr), seconds=seconds))
-        common.log_epoch(epoch, args.epochs, seconds, train_loss=train_loss, val_loss=val_loss)
+            # model selection: the validation BCE over observed labels
+            p = common.predict(model, val.X)
+            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+            val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+            train_loss = (total / n_batches).item()  # the epoch's one host sync
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=float(lr),
+                                seconds=time.time() - t0))
+            common.log_epoch(history, args.epochs)
 
     # TRY NOT TO MODIFY: test the selected model, write the run
     model.load_state_dict(best_state)
@@ -89,7 +95,7 @@ def main():
     print(f"best epoch {best_epoch} | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
     record = common.run_record(args, device, started, method="b0", history=history, best_epoch=best_epoch,
                                best_val_loss=best_loss, test=test)
-    common.save_run(common.run_dir(args, "b0"), record, {"model": best_state}, scores, data)
+    common.save_run(folder, record, {"model": best_state}, "model", model, scores, data)
 
 
 if __name__ == "__main__":

@@ -4,25 +4,23 @@ This file holds no loss and no training step: every method script keeps its whol
 method inline, so that reading one script teaches one method. What lives here is what
 every method needs in exactly the same form:
 
-    #####  Command line and run setup   (seeding, device, output folder, errors)
-    #####  Data                          (synthetic, OpenMIC-2018, SONYC-UST v2, your own .h5)
+    #####  Command line and run setup   (seeding, device, run folders, errors)
+    #####  Data                          (synthetic, your own .h5; OpenMIC-2018 and SONYC-UST in their own modules)
     #####  Model                         (the attention-pooling MIL network of the paper)
-    #####  Metrics                       (paper F1, masked AUPRC, official DCASE 2020 Task 5)
+    #####  Metrics                       (paper F1, the paper's masked AUPRC; DCASE in sonyc.py)
     #####  Results                       (atomic writes of metrics.json, model.pt, predictions)
     #####  Fast path                     (optional CUDA graph capture of a training step)
 """
 import argparse
-import csv
-import hashlib
+import contextlib
 import json
 import os
+import pickle
 import platform
 import random
-import re
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import numpy as np
 import torch
 import torch.nn as nn
+
+import openmic
+import sonyc
 
 
 class UserError(Exception):
@@ -51,6 +52,9 @@ def warn(msg):
 #####################################################################################
 
 DATASETS = ("synthetic", "openmic", "sonyc")
+DROP_SEED = 1234        # --drop-rate's own seed: every method and training seed sees the same reduced labels
+# Options that cannot change a run's result: left out when a finished run is compared with a request.
+NOT_IDENTITY = ("out", "device", "threads", "fast")
 
 
 def _dataset_arg(value):
@@ -75,10 +79,10 @@ def float_in(lo, hi, hi_open=False):
     return check
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" except for options whose help already names a per-dataset default."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" unless the help names its default itself."""
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default is None or "default:" in action.help else super()._get_help_string(action)
 
 
 def make_parser(description, table):
@@ -86,7 +90,7 @@ def make_parser(description, table):
     None-valued options take their default from it, per dataset."""
     def tdef(key):
         return ", ".join(f"{d} {row[key]}" for d, row in table.items())
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", type=_dataset_arg, default="synthetic",
                    help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file")
     p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/")
@@ -94,14 +98,18 @@ def make_parser(description, table):
     p.add_argument("--seed", type=int, default=0, help="training seed (the data split never depends on it)")
     p.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=64, help="input batch size")
-    p.add_argument("--lr", type=float_in(1e-12, 10), default=1e-3, help="Adam learning rate, halved every 30 epochs")
+    p.add_argument("--lr", type=float_in(1e-12, 10), default=1e-3,
+                   help="Adam learning rate, halved every 30 epochs (the paper's run scripts: 5e-4 for OpenMIC B0/B1 and SONYC MT)")
     p.add_argument("--layers", type=positive_int, default=None, help=f"hidden layers L (default: Table I, {tdef('layers')})")
     p.add_argument("--hidden", type=positive_int, default=None, help=f"hidden width H (default: Table I, {tdef('hidden')})")
     p.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=None,
-                   help=f"dropout (default: Table I, {tdef('dropout')})")
+                   help=f"dropout (default: Table I, {tdef('dropout')}; the paper's run scripts: OpenMIC LE 0.3, MT 0.8)")
     p.add_argument("--drop-rate", type=float_in(0, 1, hi_open=True), default=0.0,
                    help="share of the observed training labels to remove (the paper's Fig. 5)")
+    p.add_argument("--drop-seed", type=int, default=DROP_SEED, help="seed of which labels --drop-rate removes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: torch's own choice; 1 on a busy shared machine)")
     p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (CUDA only)")
     p.add_argument("--out", default="runs", help="folder for run outputs")
     return p
@@ -124,7 +132,10 @@ def seed_everything(seed):
     torch.backends.cudnn.benchmark = False
 
 
-def get_device(name=None):
+def get_device(name=None, threads=None):
+    """The device by name (default: cuda if available), and torch's CPU thread count."""
+    if threads:
+        torch.set_num_threads(threads)
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -136,37 +147,73 @@ def get_device(name=None):
     return device
 
 
-def dataset_tag(args):
+def run_dir(args, method, table):
+    """{out}/{dataset}__{method}__seed{seed}, plus the sweep's other axes where they are not the
+    default: __drop{r}, __dropseed{s}, __gamma{g}, and LE's __teacher-observed."""
     if args.dataset.endswith((".h5", ".hdf5")):
-        return Path(args.dataset).stem
-    if args.dataset == "sonyc" and args.level == "coarse":
-        return "sonyc_coarse"
-    return args.dataset
-
-
-def run_dir(args, method, *suffixes):
-    name = f"{dataset_tag(args)}__{method}__seed{args.seed}"
+        name = Path(args.dataset).stem
+    else:
+        name = "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset
+    name += f"__{method}__seed{args.seed}"
     if args.drop_rate > 0:
-        name += f"__drop{args.drop_rate:g}"
-    for s in suffixes:
-        name += f"__{s}"
+        name += f"__drop{args.drop_rate:g}" + (f"__dropseed{args.drop_seed}" if args.drop_seed != DROP_SEED else "")
+    gamma = table["sonyc" if args.dataset == "sonyc" else "openmic"].get("gamma")
+    if getattr(args, "gamma", None) is not None and args.gamma != gamma:
+        name += f"__gamma{args.gamma:g}"
+    if getattr(args, "teacher_selection", "b0") != "b0":
+        name += f"__teacher-{args.teacher_selection}"
     return Path(args.out) / name
 
 
-def check_writable(path):
-    """Fail before any training if `path` cannot be created or written; creates nothing."""
-    p = Path(path).absolute()
+def config_diff(recorded, requested):
+    """What differs between two runs' arguments, ignoring NOT_IDENTITY; '' when they match."""
+    a, b = (json.loads(json.dumps(_jsonable(dict(c)))) for c in (recorded, requested))
+    keys = sorted((set(a) | set(b)) - set(NOT_IDENTITY))
+    return ", ".join(f"--{k.replace('_', '-')} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
+                     for k in keys if a.get(k, "(unset)") != b.get(k, "(unset)"))
+
+
+def check_writable(out):
+    """Fail before any training if `out` cannot be created and written: a file is made and removed
+    in its nearest existing folder (a permission check alone would pass /proc/x)."""
+    p = Path(out).absolute()
     while not p.exists():
         p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        fail(f"--out {path}: cannot write there ({p} is {'not a folder' if not p.is_dir() else 'read-only'})")
+    try:
+        if not p.is_dir():
+            raise OSError(f"{p} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e})")
+
+
+def claim_run_dir(args, method, table):
+    """The run's folder, checked before any training: its place can be written, and it holds no
+    finished run made with other settings (refused, naming them; the same settings are rerun)."""
+    folder = run_dir(args, method, table)
+    check_writable(args.out)
+    if (folder / "metrics.json").is_file():
+        diff = config_diff(read_json(folder / "metrics.json").get("args", {}), vars(args))
+        if diff:
+            fail(f"{folder} holds a finished run made with other settings ({diff}); "
+                 f"use another --out, or delete that folder to replace it")
+    return folder
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
 
 
 def main_guard(main):
     """Run main(); user errors become one line and exit status 2, Ctrl-C exit status 130."""
     try:
         main()
-    except UserError as e:
+    except (UserError, openmic.OpenMICError, sonyc.SonycError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -174,18 +221,40 @@ def main_guard(main):
         sys.exit(130)
 
 
-def log_epoch(epoch, epochs, seconds, **values):
-    parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-    print(f"epoch {epoch:3d}/{epochs} | {parts} | {seconds:.2f}s", flush=True)
+def _diverged(epoch, history):
+    last = next(((e["epoch"], e["train_loss"]) for e in reversed(history) if np.isfinite(e["train_loss"])), None)
+    fail(f"training diverged at epoch {epoch}: the loss is not finite (last finite training loss: "
+         f"{f'{last[1]:.4g} at epoch {last[0]}' if last else 'none'}); try a lower --lr")
 
 
+def log_epoch(history, epochs, prefix=""):
+    """One line for the epoch just appended to `history`; a non-finite loss stops the run (exit 2)."""
+    e = history[-1]
+    if not all(np.isfinite(v) for k, v in e.items() if "loss" in k):
+        _diverged(e["epoch"], history[:-1])
+    detail = any(k.startswith("val_loss_") for k in e)       # then val_loss repeats one of them
+    parts = " ".join(f"{prefix if k == 'train_loss' else ''}{k} {v:.4f}" for k, v in e.items()
+                     if k not in ("epoch", "lr", "seconds") and not (detail and k == "val_loss"))
+    print(f"epoch {e['epoch']:3d}/{epochs} | {parts} | {e['seconds']:.2f}s", flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_divergence(history):
+    """Around the epoch loop: NaN probabilities make the BCE kernels raise (a device assert on
+    CUDA); report that as a diverged run in one line, exit 2, no metrics.json."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "between 0 and 1" not in str(e) and "device-side assert" not in str(e):
+            raise
+        _diverged(len(history) + 1, history)
 #####################################################################################
 #  Data
 #####################################################################################
 
 @dataclass
 class Split:
-    X: torch.Tensor            # (N, T, D) float32, on the device
+    X: torch.Tensor            # (N, T, D) as stored: uint8 and float16 stay so, else float32; on the device
     Y: torch.Tensor            # (N, C) float32 in {0, 1}; 0 where the label is missing
     observed: torch.Tensor     # (N, C) bool: True where the label is known
     keys: list = None          # clip names, where the dataset has them
@@ -201,6 +270,8 @@ class Data:
     test: Split
     class_names: list
     scored: np.ndarray         # (C,) bool: classes with observed labels in every split
+    input_offset: object = 0.0  # the model's input scaling, (x - input_offset) * input_scale:
+    input_scale: object = 1.0   # OpenMIC 0 and 1/255; SONYC-UST the training z-score; else 0 and 1
     info: dict = field(default_factory=dict)
 
 
@@ -209,19 +280,23 @@ def load_dataset(args, device):
     if args.dataset == "synthetic":
         arrays, names, info = make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
     elif args.dataset == "openmic":
-        arrays, names, info = load_openmic(Path(args.data_dir) / "openmic-2018")
+        arrays, names, info = openmic.load_openmic(Path(args.data_dir) / "openmic-2018")
     elif args.dataset == "sonyc":
-        arrays, names, info = load_sonyc(Path(args.data_dir) / "sonyc-ust", args.level)
+        arrays, names, info = sonyc.load_sonyc(Path(args.data_dir) / "sonyc-ust", args.level, write_atomic=_atomic)
     else:
         arrays, names, info = load_h5(Path(args.dataset))
     if args.drop_rate > 0:
-        arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate)
+        arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
+
+    for a in arrays.values():   # uint8 and float16 stay so, anything else becomes float32
+        a["X"] = compact(a["X"], info.get("source", args.dataset))
+    info.pop("source", None)
 
     def to_split(a):
-        t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt, device=device)
+        t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # no copy of X on CPU
         obs = t(a["observed"], torch.bool)
-        return Split(X=t(a["X"], torch.float32), Y=t(a["Y"], torch.float32) * obs, observed=obs,
-                     keys=a.get("keys"), extra=a.get("extra", {}),
+        return Split(X=torch.from_numpy(np.ascontiguousarray(a["X"])).to(device), Y=t(a["Y"], torch.float32) * obs,
+                     observed=obs, keys=a.get("keys"), extra=a.get("extra", {}),
                      Y_full=t(a["Y_full"], torch.float32) if "Y_full" in a else None)
 
     splits = {s: to_split(arrays[s]) for s in ("train", "val", "test")}
@@ -234,14 +309,15 @@ def load_dataset(args, device):
             scored &= ~empty
     tr = splits["train"]
     print(f"data: {args.dataset} | train {len(tr.X)} val {len(splits['val'].X)} test {len(splits['test'].X)} clips"
-          f" | {tuple(tr.X.shape[1:])} frames x features | {len(names)} classes"
+          f" | {tuple(tr.X.shape[1:])} frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes"
           f" | {tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
-    return Data(args.dataset, splits["train"], splits["val"], splits["test"], list(names), scored, info)
+    return Data(args.dataset, splits["train"], splits["val"], splits["test"], list(names), scored,
+                info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
 
 
-def drop_labels(observed, rate, seed=1234):
-    """Remove `rate` of the observed training labels uniformly at random (the paper's Fig. 5).
-    Seeded on its own, so every method and training seed sees the same reduced labels."""
+def drop_labels(observed, rate, seed=DROP_SEED):
+    """Remove exactly `rate` of the observed training labels, uniformly at random (the paper's Fig. 5).
+    Seeded on its own (--drop-seed), so every method and training seed sees the same reduced labels."""
     observed = np.array(observed, bool)
     idx = np.flatnonzero(observed)
     rng = np.random.default_rng(seed)
@@ -279,13 +355,27 @@ def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10
     return {s: dict(X=X[c], Y=Y[c] & observed[c], observed=observed[c], Y_full=Y[c]) for s, c in cuts.items()}
 
 
-def _finite_float32(X, path):
-    """X as float32, or a clear error naming how many rows hold NaN or inf."""
-    X = X.astype(np.float32)
-    bad = ~np.isfinite(X).reshape(len(X), -1).all(1)
-    if bad.any():
-        fail(f"{path}: X has NaN or inf in {bad.sum()} of {len(X)} rows")
-    return X
+def compact(X, path, where=""):
+    """X in the width it keeps on the device: uint8 and float16 stay so, anything else numeric
+    becomes float32. Float32 batches are made inside the model, one batch at a time."""
+    if X.ndim == 2:
+        fail(f"{path}: X is (N, D) = {X.shape}, one vector per clip; the model wants frames, (N, T, D): "
+             f"store X[:, None, :] for clip-level embeddings")
+    if X.ndim != 3:
+        fail(f"{path}: X should be (N, T, D), found {X.shape}")
+    if X.dtype.kind not in "biuf":
+        fail(f"{path}: X has dtype {X.dtype}; expected integers or floats")
+    if X.dtype in (np.uint8, np.float16):
+        out = X
+    else:
+        with np.errstate(over="ignore"):
+            out = X.astype(np.float32, copy=False)
+    if out.dtype.kind == "f":  # checked 4,096 rows at a time: no full-size temporary
+        bad = np.concatenate([~np.isfinite(out[i:i + 4096]).reshape(len(out[i:i + 4096]), -1).all(1)
+                              for i in range(0, len(out), 4096)] or [np.zeros(0, bool)])
+        if bad.any():
+            fail(f"{path}: X has NaN or inf in {bad.sum()} of {len(X)} rows{where} (as {out.dtype})")
+    return out
 
 
 def _strings(values):
@@ -293,77 +383,11 @@ def _strings(values):
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-OPENMIC_LAYOUT = """expected layout (the unpacked openmic-2018-v1.0.0.tgz from Zenodo record 1432913,
-https://zenodo.org/record/1432913):
-  {root}/openmic-2018.npz                  X (N, 10, 128), Y_true (N, 20), Y_mask (N, 20), sample_key (N,)
-  {root}/class-map.json                    {{"accordion": 0, ..., "voice": 19}}
-  {root}/partitions/split01_train.csv      one sample key per line (or partitions/train01.txt)
-  {root}/partitions/split01_test.csv       one sample key per line (or partitions/test01.txt)"""
-
-
-def load_openmic(root, val_share=0.15, split_seed=0):
-    """The official OpenMIC-2018 archive, as downloaded. Validation is a fixed 15% of the
-    official train split, drawn with `split_seed`, never with the training seed."""
-    if not root.is_dir():
-        fail(f"no OpenMIC-2018 folder at {root}\n" + OPENMIC_LAYOUT.format(root=root))
-    npz_path = root / "openmic-2018.npz"
-    if not npz_path.is_file():
-        fail(f"missing {npz_path}\n" + OPENMIC_LAYOUT.format(root=root))
-    try:
-        # allow_pickle=True only because sample_key is stored as an object array of strings.
-        with np.load(npz_path, allow_pickle=True) as z:
-            missing = [k for k in ("X", "Y_true", "Y_mask", "sample_key") if k not in z.files]
-            if missing:
-                fail(f"{npz_path}: missing key(s) {missing}; found {z.files}")
-            X, Y_true, Y_mask, keys = (z[k] for k in ("X", "Y_true", "Y_mask", "sample_key"))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        fail(f"cannot read {npz_path}: {e}")
-    n = len(keys)
-    if X.ndim != 3 or X.shape[0] != n:
-        fail(f"{npz_path}: X should be (N, frames, features) with N = {n} keys, found {X.shape}")
-    if Y_true.ndim != 2 or Y_mask.shape != Y_true.shape or Y_true.shape[0] != n:
-        fail(f"{npz_path}: Y_true and Y_mask should both be (N, C) with N = {n}, found {Y_true.shape} and {Y_mask.shape}")
-    X = _finite_float32(X, npz_path)
-    map_path = root / "class-map.json"
-    try:
-        class_map = json.loads(map_path.read_text())
-    except (OSError, ValueError) as e:
-        fail(f"cannot read {map_path}: {e}")
-    if len(class_map) != Y_true.shape[1]:
-        fail(f"{map_path} names {len(class_map)} classes but {npz_path} has {Y_true.shape[1]} label columns")
-    names = sorted(class_map, key=class_map.get)
-
-    def read_keys(kind):
-        for name in (f"split01_{kind}.csv", f"{kind}01.txt"):
-            path = root / "partitions" / name
-            if path.is_file():
-                wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-                return path, wanted
-        fail(f"missing partitions/split01_{kind}.csv (or partitions/{kind}01.txt) under {root}\n"
-             + OPENMIC_LAYOUT.format(root=root))
-
-    row_of = {str(k): i for i, k in enumerate(keys)}
-    rows = {}
-    for kind in ("train", "test"):
-        path, wanted = read_keys(kind)
-        unknown = [k for k in wanted if k not in row_of]
-        if unknown:
-            fail(f"{path}: {len(unknown)} key(s) not in {npz_path.name}, first {unknown[:5]}")
-        rows[kind] = np.array([row_of[k] for k in wanted], dtype=np.int64)
-    perm = np.random.default_rng(split_seed).permutation(len(rows["train"]))
-    n_val = int(round(val_share * len(perm)))
-    rows["val"], rows["train"] = rows["train"][perm[:n_val]], rows["train"][np.sort(perm[n_val:])]
-
-    def take(r):
-        obs = Y_mask[r].astype(bool)
-        return dict(X=X[r] / 255.0, Y=(Y_true[r] >= 0.5) & obs, observed=obs, keys=[str(keys[i]) for i in r])
-    return {s: take(rows[s]) for s in ("train", "val", "test")}, names, {}
-
-
-def load_h5(path):
+def load_h5(path, block_bytes=64 << 20):
     """Bring your own embeddings: one .h5 file with datasets X (N, T, D), Y (N, C) in {0, 1},
     observed (N, C) bool, split (N,) strings train/val/test, optional keys (N,) strings, and
-    the attribute class_names."""
+    the attribute class_names. X is read a block of rows at a time straight into each split's
+    array, in its compact width (see compact): never a float32 copy of the whole file."""
     import h5py
     if not path.is_file():
         fail(f"no such file: {path}")
@@ -374,197 +398,35 @@ def load_h5(path):
                 fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split (and attribute class_names)")
             if "class_names" not in f.attrs:
                 fail(f"{path}: missing attribute class_names")
-            X, Y, obs = f["X"][()], f["Y"][()], f["observed"][()].astype(bool)
+            Y, obs = f["Y"][()], f["observed"][()].astype(bool)
             split = np.array(_strings(f["split"][()]))
             keys = _strings(f["keys"][()]) if "keys" in f else None
             names = _strings(f.attrs["class_names"])
+            n, dset = len(split), f["X"]
+            first = compact(dset[:1], path)   # checks rank and dtype before anything large is read
+            if dset.shape[0] != n:
+                fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
+            if Y.shape != obs.shape or Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] != len(names):
+                fail(f"{path}: Y and observed should both be (N, C) = ({n}, {len(names)}), found {Y.shape} and {obs.shape}")
+            unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
+            if unknown:
+                fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
+            rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+            for s, r in rows.items():
+                if len(r) == 0:
+                    fail(f"{path}: no rows with split '{s}'")
+            X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
+            step = max(1, block_bytes // max(1, first.nbytes))
+            for a in range(0, n, step):
+                block = compact(dset[a:a + step], path, f" {a}..{min(a + step, n) - 1}")
+                for s, r in rows.items():
+                    lo, hi = np.searchsorted(r, [a, a + step])
+                    X[s][lo:hi] = block[r[lo:hi] - a]
     except OSError as e:
         fail(f"cannot read {path}: {e}")
-    n = len(split)
-    if X.ndim != 3 or X.shape[0] != n:
-        fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {X.shape}")
-    if Y.shape != obs.shape or Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] != len(names):
-        fail(f"{path}: Y and observed should both be (N, C) = ({n}, {len(names)}), found {Y.shape} and {obs.shape}")
-    X = _finite_float32(X, path)
-    unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
-    if unknown:
-        fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
-    out = {}
-    for s in ("train", "val", "test"):
-        r = np.flatnonzero(split == s)
-        if len(r) == 0:
-            fail(f"{path}: no rows with split '{s}'")
-        out[s] = dict(X=X[r], Y=(Y[r] > 0.5) & obs[r], observed=obs[r], keys=[keys[i] for i in r] if keys else None)
+    out = {s: dict(X=X[s], Y=(Y[r] > 0.5) & obs[r], observed=obs[r], keys=[keys[i] for i in r] if keys else None)
+           for s, r in rows.items()}
     return out, names, {}
-
-
-# ---- SONYC-UST v2 ------------------------------------------------------------------
-
-SONYC_LAYOUT = """expected layout (SONYC-UST v2, Zenodo record 3966543, https://zenodo.org/record/3966543):
-  {root}/annotations.csv                 one row per (clip, annotator), as released
-  {root}/embeddings/<clip>.npz           OpenL3 output per clip: key 'embedding' (11, 512)
-make the embeddings with:
-  openl3 audio AUDIO_DIR --output-dir {root}/embeddings --input-repr mel256 --content-type env \\
-      --audio-embedding-size 512 --audio-hop-size 1.0"""
-
-FINE_COL = re.compile(r"^(\d+)-(\d+|X)_(.+)_presence$")
-COARSE_COL = re.compile(r"^(\d+)_(.+)_presence$")
-
-
-def read_sonyc_annotations(csv_path):
-    """Parse annotations.csv by column name. Returns (rows, taxonomy), where rows is a list of
-    (split, audio_filename, annotator_id, presence vector over taxonomy['columns'])."""
-    try:
-        with open(csv_path, newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            table = list(reader)
-    except (OSError, StopIteration, csv.Error) as e:
-        fail(f"cannot read {csv_path}: {e}")
-    col = {name: i for i, name in enumerate(header)}
-    missing = [c for c in ("split", "audio_filename", "annotator_id") if c not in col]
-    fine = sorted((int(m[1]), m[2], m[0]) for m in map(FINE_COL.match, header) if m)
-    coarse = sorted((int(m[1]), m[0]) for m in map(COARSE_COL.match, header) if m)
-    if not fine:
-        missing.append("<c>-<f>_<name>_presence (fine tags)")
-    if not coarse:
-        missing.append("<c>_<name>_presence (coarse tags)")
-    if missing:
-        fail(f"{csv_path}: missing required column(s) {missing}")
-    groups = [c for c, _ in coarse]
-    complete = [(c, name) for c, f, name in fine if f != "X"]
-    tax = dict(
-        coarse_names=[name[:-len("_presence")] for _, name in coarse],
-        fine_names=[name[:-len("_presence")] for _, name in complete],
-        fine_group=np.array([groups.index(c) for c, _ in complete]),           # (23,) coarse index of each fine tag
-        all_fine_names=[name[:-len("_presence")] for _, _, name in fine],
-    )
-    cols = [name for _, name in complete] + [name for c, f, name in fine if f == "X"] + [name for _, name in coarse]
-    tax["x_groups"] = [groups.index(c) for c, f, _ in fine if f == "X"]
-    tax["columns"] = cols
-    rows = []
-    for line, r in enumerate(table, start=2):
-        if len(r) != len(header):
-            fail(f"{csv_path}, line {line}: {len(r)} fields, header has {len(header)}")
-        vals = []
-        for name in cols:
-            v = r[col[name]].strip()
-            try:
-                x = float(v)
-            except ValueError:
-                x = None
-            if x not in (-1.0, 0.0, 1.0):
-                fail(f"{csv_path}, line {line}: {name} is {v!r}; presence must be -1, 0 or 1")
-            vals.append(int(x))
-        try:
-            annotator = int(float(r[col["annotator_id"]]))
-        except ValueError:
-            fail(f"{csv_path}, line {line}: annotator_id is {r[col['annotator_id']]!r}, not a number")
-        rows.append((r[col["split"]].strip(), r[col["audio_filename"]].strip(), annotator, vals))
-    return rows, tax
-
-
-def aggregate_sonyc(rows, tax):
-    """One target per clip, as the DCASE 2020 baseline: train from crowd rows (present if any
-    annotator said present), validate and test from the verified row (annotator 0) alone.
-    Returns {split: (filenames, values (N, n_columns) in {-1, 0, 1})}."""
-    per_clip = {}
-    for split, fname, annotator, vals in rows:
-        use = annotator > 0 if split == "train" else annotator == 0
-        if use and split in ("train", "validate", "test"):
-            per_clip.setdefault((split, fname), []).append(vals)
-    out = {}
-    for split in ("train", "validate", "test"):
-        names = sorted(f for s, f in per_clip if s == split)
-        agg = []
-        for f in names:
-            v = np.array(per_clip[(split, f)])                         # (annotators, columns)
-            agg.append(np.where((v == 1).any(0), 1, np.where((v == 0).any(0), 0, -1)))
-        out[split] = (names, np.array(agg, dtype=np.int64).reshape(len(names), len(tax["columns"])))
-    return out
-
-
-def sonyc_targets(values, tax, level):
-    """Targets (N, C), observed mask (N, C) and the X tags present (N, groups). Fine: a fine tag
-    is missing where its value is -1 or where its group's X tag is present (the annotator knew
-    the group, not the fine type)."""
-    n_fine, n_x = len(tax["fine_names"]), len(tax["x_groups"])
-    fine, xtag, coarse = values[:, :n_fine], values[:, n_fine:n_fine + n_x], values[:, n_fine + n_x:]
-    x_present = np.zeros((len(values), len(tax["coarse_names"])), bool)   # (N, 8)
-    x_present[:, tax["x_groups"]] = xtag == 1
-    if level == "coarse":
-        return coarse == 1, coarse != -1, x_present
-    observed = (fine != -1) & ~x_present[:, tax["fine_group"]]
-    return fine == 1, observed, x_present
-
-
-def load_sonyc(root, level):
-    csv_path = root / "annotations.csv"
-    if not csv_path.is_file():
-        fail(f"missing {csv_path}\n" + SONYC_LAYOUT.format(root=root))
-    rows, tax = read_sonyc_annotations(csv_path)
-    per_split = aggregate_sonyc(rows, tax)
-    clips = [f for s in per_split.values() for f in s[0]]
-    emb = load_sonyc_embeddings(root, clips, hashlib.sha256(csv_path.read_bytes()).hexdigest())
-    out, start = {}, 0
-    for split, name in (("train", "train"), ("validate", "val"), ("test", "test")):
-        files, values = per_split[split]
-        if not files:
-            fail(f"{csv_path}: no usable '{split}' clips (train needs crowd rows, validate/test a verified row)")
-        Y, observed, x_present = sonyc_targets(values, tax, level)
-        truth = dict(fine_truth=values[:, :len(tax["fine_names"])] == 1, x_truth=x_present,  # for the DCASE metric
-                     coarse_truth=values[:, -len(tax["coarse_names"]):] == 1)
-        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files, extra=truth)
-        start += len(files)
-    mean = out["train"]["X"].mean((0, 1))
-    std = out["train"]["X"].std((0, 1)) + 1e-8
-    for s in out.values():
-        s["X"] = (s["X"] - mean) / std
-    names = tax["coarse_names"] if level == "coarse" else tax["fine_names"]
-    return out, names, dict(sonyc=tax, level=level)
-
-
-def load_sonyc_embeddings(root, clips, csv_hash, shape=(11, 512)):
-    """Read embeddings/<clip>.npz for every clip, through a cache file next to the data that is
-    keyed on the annotations' hash and the clip list, so a changed annotations.csv is noticed."""
-    import h5py
-    key = hashlib.sha256((csv_hash + "\n".join(clips)).encode()).hexdigest()
-    cache = root / "embeddings_cache.h5"
-    if cache.is_file():
-        try:
-            with h5py.File(cache, "r") as f:
-                if f.attrs.get("key") == key:
-                    return f["X"][()]
-        except OSError:
-            pass  # unreadable cache: rebuild it
-    X = np.zeros((len(clips),) + shape, np.float32)
-    absent, misshaped = [], []
-    for i, clip in enumerate(clips):
-        path = root / "embeddings" / (Path(clip).stem + ".npz")
-        try:
-            with np.load(path) as z:
-                e = z["embedding"]
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            absent.append(path.name)
-            continue
-        if e.shape != shape or not np.isfinite(e).all():
-            misshaped.append(f"{path.name} {e.shape}")
-            continue
-        X[i] = e
-    if absent:
-        fail(f"{root / 'embeddings'}: {len(absent)} embedding file(s) absent or unreadable, first {absent[:5]}\n"
-             + SONYC_LAYOUT.format(root=root))
-    if misshaped:
-        fail(f"{root / 'embeddings'}: {len(misshaped)} embedding(s) not {shape} or not finite, first {misshaped[:5]}")
-    def write(p):
-        with h5py.File(p, "w") as f:
-            f.create_dataset("X", data=X)
-            f.attrs["key"] = key
-    try:
-        _atomic(cache, write)
-    except OSError as e:  # a read-only data folder only costs the cache
-        warn(f"could not write the embedding cache {cache}: {e}")
-    return X
 
 
 #####################################################################################
@@ -574,15 +436,22 @@ def load_sonyc_embeddings(root, clips, csv_hash, shape=(11, 512)):
 class AttentionMIL(nn.Module):
     """Attention-pooling multiple-instance network shared by every method (paper Sec. III).
 
-    (B, T, D) -> input BN -> L x [1x1 linear (no bias) -> BN -> ReLU -> dropout]
+    (B, T, D) -> float32, (x - input_offset) * input_scale -> input BN
+              -> L x [1x1 linear (no bias) -> BN -> ReLU -> dropout]
               -> + residual from the raw input -> per-class attention and classifier heads
-              -> attention-weighted mean of the classifier over time -> (B, C) probabilities.
+              -> attention-weighted mean of the classifier over time, clamped to [0, 1] -> (B, C).
     A 1x1 convolution over time is a Linear on the last axis; BN normalises each feature
-    over the batch and the frames together.
+    over the batch and the frames together. The input scaling is part of the model (buffers
+    in its state_dict): OpenMIC's X / 255 and SONYC-UST's z-score travel with a saved model,
+    and embeddings may stay uint8 on the device until a batch reaches the model.
     """
 
-    def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6):
+    def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6, input_offset=0.0, input_scale=1.0):
         super().__init__()
+        self.config = dict(n_features=n_features, n_classes=n_classes, layers=layers, hidden=hidden, dropout=dropout)
+        vector = lambda v: torch.as_tensor(np.asarray(v, np.float32)).expand(n_features).clone()
+        self.register_buffer("input_offset", vector(input_offset))   # (D,)
+        self.register_buffer("input_scale", vector(input_scale))     # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
         blocks, d = [], n_features
         for _ in range(layers):
@@ -611,7 +480,8 @@ class AttentionMIL(nn.Module):
             return h
         return h * (torch.rand_like(h) >= self.dropout) / (1 - self.dropout)
 
-    def forward(self, x):                                    # x: (B, T, D)
+    def forward(self, x):                                    # x: (B, T, D), any numeric dtype
+        x = (x.float() - self.input_offset) * self.input_scale
         h = self._bn(self.input_bn, x)
         for linear, bn in self.blocks:
             h = self._drop(torch.relu(self._bn(bn, linear(h))))  # (B, T, H)
@@ -619,12 +489,14 @@ class AttentionMIL(nn.Module):
         att = torch.sigmoid(self.attention(h)).clamp(1e-7, 1 - 1e-7)  # (B, T, C)
         att = att / att.sum(dim=1, keepdim=True)             # normalised over time
         cla = torch.sigmoid(self.classifier(h))              # (B, T, C)
-        return (att * cla).sum(dim=1)                        # (B, C)
+        # A saturated classifier (sigmoid = 1.0) and weights summing to 1 + eps can give 1 + eps:
+        # clamp, as the paper's code does with hardtanh(0, 1); inside [0, 1] values and gradients pass unchanged.
+        return (att * cla).sum(dim=1).clamp(0.0, 1.0)        # (B, C)
 
 
 @torch.no_grad()
 def predict(model, X, batch=4096):
-    """Scores (N, C) for X (N, T, D) in eval mode, in a few large batches, on X's device."""
+    """Scores (N, C) for X (N, T, D) in eval mode, in batches of float32 made one at a time, on X's device."""
     was_training = model.training
     model.eval()
     out = torch.cat([model(X[i:i + batch]) for i in range(0, len(X), batch)])
@@ -666,18 +538,31 @@ def classwise_f1(scores, Y, mask, names, scored, threshold=0.5):
                 per_class_f1_macro=dict(zip(names, macro)), per_class_f1_pos=dict(zip(names, pos)))
 
 
+def pr_area(y, scores):
+    """The paper code's AUPRC: scikit-learn's precision_recall_curve with the points (recall 1,
+    precision 0) and (recall 0, precision 1) added, and the trapezoid area under it (`auc`).
+    Not average precision: y [1, 0, 1, 0], scores [.9, .8, .4, .1] give 0.791667, AP 0.833333."""
+    from sklearn.metrics import auc, precision_recall_curve
+    P, R, _ = precision_recall_curve(y, scores)
+    return float(auc(np.r_[1.0, R, 0.0], np.r_[0.0, P, 1.0]))
+
+
 def masked_auprc(scores, Y, mask, names, scored):
-    """The paper's SONYC metric: average precision per class over the observed entries only,
-    its mean over classes (macro) and over all observed entries together (micro)."""
+    """The paper's SONYC-UST metric over the observed entries only: per class, the nan-mean over
+    classes (macro), and all observed entries pooled (micro); also average precision (ap_*)."""
     from sklearn.metrics import average_precision_score
-    per = []
-    for c in range(Y.shape[1]):
-        m = mask[:, c]
-        ok = scored[c] and m.any() and Y[m, c].any()
-        per.append(float(average_precision_score(Y[m, c], scores[m, c])) if ok else float("nan"))
-    m = mask & scored[None, :]
-    micro = float(average_precision_score(Y[m], scores[m])) if Y[m].any() else float("nan")
-    return dict(auprc_macro_masked=_nanmean(per), auprc_micro_masked=micro, per_class_auprc_masked=dict(zip(names, per)))
+    out = {}
+    for name, f in (("auprc", pr_area), ("ap", average_precision_score)):
+        per = []
+        for c in range(Y.shape[1]):
+            m = mask[:, c]
+            ok = scored[c] and Y[m, c].any()
+            per.append(float(f(Y[m, c], scores[m, c])) if ok else float("nan"))
+        m = mask & scored[None, :]
+        out[f"{name}_macro_masked"] = _nanmean(per)
+        out[f"{name}_micro_masked"] = float(f(Y[m], scores[m])) if Y[m].any() else float("nan")
+        out[f"per_class_{name}_masked"] = dict(zip(names, per))
+    return out
 
 
 def evaluate(scores, split, data):
@@ -692,93 +577,7 @@ def evaluate(scores, split, data):
         out.update({f"{k}_full_truth": v for k, v in full.items()})
     if "sonyc" in data.info:
         out.update(masked_auprc(scores, Y, obs, data.class_names, data.scored))
-        out.update(dcase_metrics(scores, split.extra, data.info["sonyc"], data.info["level"]))
-    return out
-
-
-# ---- The official DCASE 2020 Task 5 metric ------------------------------------------
-# Written from a reading of src/metrics.py in sonyc-project/dcase2020task5-uststc-baseline:
-# the same thresholds, counts, precision/recall floors and curve end points.
-
-def _pr(tp, fp, fn):
-    return tp / np.maximum(tp + fp, 0.5), tp / np.maximum(tp + fn, 0.5)
-
-
-def _auprc(P, R):
-    """Area under the curve (0, 1) -> the points sorted by recall -> (1, 0), by the trapezoid rule.
-    Points that share a recall keep their row order (descending thresholds per group, ascending
-    for the micro curve). The official code sorts with np.argsort's default, which is not stable:
-    where tied recalls carry different precisions its value depends on the numpy version and the
-    CPU; numpy 1.x sorted small arrays stably, as we do everywhere."""
-    from sklearn.metrics import auc
-    order = np.argsort(R, kind="stable")
-    return float(auc(np.r_[0.0, R[order], 1.0], np.r_[1.0, P[order], 0.0]))
-
-
-def _group_counts(scores, truth, x_truth, fine):
-    """TP/FP/FN of one coarse group at each of its thresholds (descending).
-    scores, truth: (N, K) for the group's complete fine tags, or (N, 1) for a coarse tag.
-    x_truth: (N,) its X tag in the ground truth. We never predict X tags (their score is 0),
-    and every threshold is >= 0.01, so the predicted X tag is always absent."""
-    thr = np.sort(scores.ravel())
-    thr = np.unique(np.append(thr[np.searchsorted(thr, 0.01):], 1.0))[::-1]
-    counts = []
-    for t in thr:
-        pred = scores >= t
-        if not fine:
-            y, p = truth[:, 0], pred[:, 0]
-            counts.append((np.sum(y & p), np.sum(~y & p), np.sum(y & ~p)))
-            continue
-        tp_c = truth & pred                                   # complete truth, complete prediction
-        fp_c = ~truth & pred & ~x_truth[:, None]              # FPs only where the truth has no X tag
-        fn_c = truth & ~pred
-        any_pred = pred.any(1)
-        tp_x = x_truth & any_pred & ~tp_c.any(1)              # X in truth: judged coarsely
-        fn_x = x_truth & ~truth.any(1) & ~any_pred
-        counts.append((tp_c.sum() + tp_x.sum(), fp_c.sum(), fn_c.sum() + fn_x.sum()))
-    return thr, np.array(counts, dtype=np.int64).reshape(-1, 3)
-
-
-def dcase_level(scores_by_group, truth_by_group, x_truth, fine):
-    """Macro- and micro-AUPRC and micro-F1 at 0.5 over the coarse groups, as the official code."""
-    curves = [_group_counts(s, t, x_truth[:, g], fine)
-              for g, (s, t) in enumerate(zip(scores_by_group, truth_by_group))]
-    macro = float(np.mean([_auprc(*_pr(*c.T)) for _, c in curves]))
-    union = np.unique(np.concatenate([thr for thr, _ in curves]))    # ascending
-    total = np.zeros((len(union), 3), np.int64)
-    for thr, c in curves:
-        # the row of the smallest group threshold >= t (thr is descending, ends at 1.0)
-        idx = len(thr) - 1 - np.searchsorted(thr[::-1], union, side="left")
-        total += c[idx]
-    P, R = _pr(*total.T)
-    i = np.flatnonzero(union >= 0.5)[0]
-    with np.errstate(divide="ignore"):
-        f1 = float(2 / (1 / P[i] + 1 / R[i]))
-    return macro, _auprc(P, R), f1
-
-
-def dcase_metrics(scores, extra, tax, level):
-    """The official DCASE 2020 Task 5 metrics. At the fine level the scores are the 23 fine tags;
-    a coarse score is the maximum over its fine scores. At the coarse level only coarse metrics."""
-    n_groups = len(tax["coarse_names"])
-    x_truth, coarse_truth = extra["x_truth"], extra["coarse_truth"]
-    out = {}
-    if level == "fine":
-        g = tax["fine_group"]
-        fs = [scores[:, g == k] for k in range(n_groups)]
-        ft = [extra["fine_truth"][:, g == k] for k in range(n_groups)]
-        out["dcase_fine_macro_auprc"], out["dcase_fine_micro_auprc"], out["dcase_micro_f1"] = \
-            dcase_level(fs, ft, x_truth, fine=True)
-        coarse_scores = np.stack([s.max(1) for s in fs], 1)
-    else:
-        coarse_scores = scores
-    cs = [coarse_scores[:, [k]] for k in range(n_groups)]
-    ct = [coarse_truth[:, [k]] for k in range(n_groups)]
-    macro, micro, f1 = dcase_level(cs, ct, x_truth, fine=False)
-    out.update(dcase_coarse_macro_auprc=macro, dcase_coarse_micro_auprc=micro)
-    out["dcase_coarse_micro_f1"] = f1
-    if level == "coarse":
-        out["dcase_micro_f1"] = f1
+        out.update(sonyc.dcase_metrics(scores, split.extra, data.info["sonyc"], data.info["level"]))
     return out
 
 
@@ -796,12 +595,18 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _atomic(path, write):
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
+    """Write through a temp file in the same folder, then rename: never a half-written file.
+    The file gets the permissions of any new file (0666 less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -824,12 +629,25 @@ def _jsonable(x):
     return x
 
 
-def save_run(folder, metrics, states, test_scores, data):
+def run_record(args, device, started, **parts):
+    record = dict(args=vars(args), **parts, seconds=time.time() - started, device=device_name(device),
+                  versions=versions())
+    if device.type == "cuda":
+        record["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return record
+
+
+def save_run(folder, record, networks, primary, model, test_scores, data):
     """Write model.pt, the test predictions and, last, metrics.json, each atomically. A run
-    whose metrics.json exists is complete; the sweep reruns any other."""
+    whose metrics.json exists is complete; the sweep reruns any other.
+
+    model.pt (torch.load(..., weights_only=True)) has the same keys in every script: method,
+    primary (the name of the reported network), networks (name -> state_dict, input scaling
+    included), config (AttentionMIL's constructor arguments), class_names, input_dtype."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / "model.pt", lambda p: torch.save(states, p))
+    bundle = dict(format="missing-labels model 1", method=record["method"], primary=primary, networks=networks,
+                  config=model.config, class_names=list(data.class_names),
+                  input_dtype=str(data.train.X.dtype).removeprefix("torch."))
     scores = test_scores.float().cpu().numpy() if torch.is_tensor(test_scores) else test_scores
     test = data.test
     arrays = dict(scores=scores, observed=test.observed.cpu().numpy(), labels=test.Y.cpu().numpy(),
@@ -840,34 +658,33 @@ def save_run(folder, metrics, states, test_scores, data):
     def write_npz(p):
         with open(p, "wb") as fh:
             np.savez(fh, **arrays)
-    _atomic(folder / "test_predictions.npz", write_npz)
-    if "sonyc" in data.info:
-        _atomic(folder / "test_predictions.csv", lambda p: write_dcase_csv(p, scores, test.keys, data.info))
-    _atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(_jsonable(metrics), indent=1)))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
+        _atomic(folder / "test_predictions.npz", write_npz)
+        if "sonyc" in data.info:
+            _atomic(folder / "test_predictions.csv", lambda p: sonyc.write_submission(
+                p, scores, test.keys, data.info["sonyc"], data.info["level"]))
+        _atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(_jsonable(record), indent=1)))
+    except OSError as e:
+        fail(f"cannot write the run to {folder}: {e}")
     print(f"wrote {folder}/metrics.json", flush=True)
 
 
-def write_dcase_csv(path, scores, files, info):
-    """Predictions in the DCASE 2020 Task 5 submission layout: audio_filename, every fine tag
-    (X tags as 0), every coarse tag (the max over its fine tags at the fine level)."""
-    tax, n_groups = info["sonyc"], len(info["sonyc"]["coarse_names"])
-    if info["level"] == "fine":
-        fine = dict(zip(tax["fine_names"], scores.T))
-        coarse = np.stack([scores[:, tax["fine_group"] == k].max(1) for k in range(n_groups)], 1)
-    else:
-        fine, coarse = {}, scores
-    n = len(files)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["audio_filename"] + tax["all_fine_names"] + tax["coarse_names"])
-        for i in range(n):
-            w.writerow([files[i]] + [f"{fine[f][i]:.6f}" if f in fine else 0 for f in tax["all_fine_names"]]
-                       + [f"{v:.6f}" for v in coarse[i]])
-
-
-def run_record(args, device, started, **parts):
-    return dict(args=vars(args), **parts, seconds=time.time() - started,
-                device=device_name(device), versions=versions())
+def load_run(folder, device="cpu"):
+    """The reported network of a finished run, rebuilt in eval mode, and its model.pt's metadata:
+    model, meta = common.load_run("runs/synthetic__b1__seed0"); scores = common.predict(model, X)."""
+    path = Path(folder) / "model.pt"
+    try:
+        bundle = torch.load(path, map_location=device, weights_only=True)
+        model = AttentionMIL(**bundle["config"]).to(device)
+        model.load_state_dict(bundle["networks"][bundle["primary"]])
+    except FileNotFoundError:
+        fail(f"no model.pt in {folder}: not a finished run")
+    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+        fail(f"cannot load {path} (a run written by this version of missing-labels?): {str(e).splitlines()[0]}")
+    model.eval()
+    return model, {k: v for k, v in bundle.items() if k != "networks"}
 
 
 #####################################################################################
@@ -895,6 +712,9 @@ def fast_step(step, example_batch, device, enabled, state=()):
     """
     if not enabled:
         return step
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        fail(f"--fast needs torch >= 2.4 (its LR schedulers update a tensor learning rate in place; "
+             f"older ones would leave the captured graph at the first rate); this is torch {torch.__version__}")
     if device.type != "cuda":
         print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
         return step

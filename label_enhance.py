@@ -8,6 +8,10 @@ Stage 2 trains a fresh student with B1's masked BCE on that enhanced mask M':
 
     J_LE = sum_{n,c} M'_nc * BCE(p_nc, y_nc) / sum_{n,c} M'_nc
 
+The teacher's epoch is chosen by its own loss on the validation clips (B0's BCE, missing =
+negative); `--teacher-selection observed` uses the validation BCE over observed labels, as the
+paper's code does. The student, like every other model here, is chosen by the latter.
+
 Differs from B1 only in the mask: B1 masks every missing label, LE only the share
 (100 - gamma)% that the teacher finds most likely positive. gamma = 0 is B1, gamma = 100 is
 B0. LE needs no knowledge of which labels are missing: to it, "missing" = "not positive".
@@ -50,24 +54,36 @@ def enhance_mask(scores, observed, gamma):
     return enhanced, info
 
 
-def main():
-    # TRY NOT TO MODIFY: arguments, seeding, device, data
+def get_args(argv=None):
     parser = common.make_parser("Label enhancement: a B0 teacher decides which missing labels are negatives.", TABLE_I)
     parser.add_argument("--gamma", type=common.float_in(0, 100), default=None,
                         help="percentile gamma of the teacher's scores on missing labels (default: Table I, openmic 10, sonyc 95)")
-    args = common.parse_args(parser, TABLE_I)
-    common.check_writable(args.out)
+    parser.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
+                        help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the "
+                             "loss it trains on; observed = over observed labels only, as the paper's code")
+    return common.parse_args(parser, TABLE_I, argv)
+
+
+def main():
+    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
+    args = get_args()
+    folder = common.claim_run_dir(args, "label_enhance", TABLE_I)  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
-    val_mask = val.observed.float()
+    # Model selection masks over the validation labels: the observed ones (B1's loss, the paper's
+    # choice for every model), or all of them with missing = negative (B0's loss, which LE's
+    # teacher trains on: LE needs no knowledge of which labels are missing).
+    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val.Y)}
 
-    def fit(train_mask, stage):
-        """Train a fresh model with masked BCE under `train_mask`; return the one with the best val loss."""
+    def fit(train_mask, stage, selection):
+        """Train a fresh model with masked BCE under `train_mask`; return it at its best validation loss
+        under `selection` ("observed" or "b0"; both are recorded every epoch)."""
         # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
-        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout).to(device)
+        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
+                                    input_offset=data.input_offset, input_scale=data.input_scale).to(device)
         opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
 
@@ -87,33 +103,39 @@ def main():
         step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
                                 device, args.fast, state=[model, opt])
         history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.time()
-            model.train()
-            perm = torch.randperm(len(train.X), device=device)
-            total = torch.zeros((), device=device)
-            for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
-                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-            lr = opt.param_groups[0]["lr"]
-            scheduler.step()
+        with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
+            for epoch in range(1, args.epochs + 1):
+                t0 = time.time()
+                model.train()
+                perm = torch.randperm(len(train.X), device=device)
+                total = torch.zeros((), device=device)
+                for i in range(n_batches):
+                    idx = perm[i * batch:(i + 1) * batch]
+                    total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+                lr = opt.param_groups[0]["lr"]
+                scheduler.step()
 
-            # model selection: the validation BCE over observed labels
-            p = common.predict(model, val.X)
-            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-            val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-            train_loss = (total / n_batches).item()  # the epoch's one host sync
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            seconds = time.time() - t0
-            history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=float(lr), seconds=seconds))
-            common.log_epoch(epoch, args.epochs, seconds, **{f"{stage}_train_loss": train_loss, "val_loss": val_loss})
+                # model selection: the validation BCE under the `selection` mask
+                p = common.predict(model, val.X)
+                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+                losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item() for k, m in val_masks.items()}
+                val_loss = losses[f"val_loss_{selection}"]
+                train_loss = (total / n_batches).item()  # the epoch's one host sync
+                if val_loss < best_loss:
+                    best_loss, best_epoch = val_loss, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=float(lr),
+                                    seconds=time.time() - t0))
+                common.log_epoch(history, args.epochs, prefix=f"{stage}_")
         model.load_state_dict(best_state)
-        return model, dict(history=history, best_epoch=best_epoch, best_val_loss=best_loss)
+        return model, best_state, dict(selection=selection, history=history, best_epoch=best_epoch, best_val_loss=best_loss,
+                                       **{k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")})
 
     # ALGO LOGIC: stage 1, the teacher, trained as B0 (every missing label is a negative)
-    teacher, stage1 = fit(torch.ones_like(train.Y), "teacher")
+    teacher, teacher_state, stage1 = fit(torch.ones_like(train.Y), "teacher", args.teacher_selection)
+    if stage1["best_epoch"] == 1:
+        common.warn("the teacher was selected at epoch 1: it has likely learnt nothing, and LE will add random "
+                    "negatives (see --teacher-selection)")
 
     # ALGO LOGIC: Eq. (1), enhance the training mask with the teacher's scores on the training clips
     teacher_scores = common.predict(teacher, train.X)                 # (N, C)
@@ -134,19 +156,17 @@ def main():
               f"recall {enhancement['masked_recall']:.3f} of the missing positives", flush=True)
 
     # ALGO LOGIC: stage 2, a fresh student (fresh optimizer, initial learning rate) on the enhanced mask
-    student, stage2 = fit(enhanced.float(), "student")
+    student, student_state, stage2 = fit(enhanced.float(), "student", "observed")
 
     # TRY NOT TO MODIFY: test the selected student, write the run
     scores = common.predict(student, data.test.X)
     test = common.evaluate(scores, data.test, data)
     print(f"best epoch {stage2['best_epoch']} | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
-    suffix = [f"gamma{args.gamma:g}"] if args.gamma != TABLE_I["sonyc" if args.dataset == "sonyc" else "openmic"]["gamma"] else []
     record = common.run_record(args, device, started, method="label_enhance", history=stage2["history"],
                                best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
                                teacher=stage1, enhancement=enhancement, test=test)
-    common.save_run(common.run_dir(args, "label_enhance", *suffix), record,
-                    {"model": student.state_dict(), "teacher": teacher.state_dict()}, scores, data)
-
+    common.save_run(folder, record, {"student": student_state, "stage1_teacher": teacher_state}, "student",
+                    student, scores, data)
 
 if __name__ == "__main__":
     common.main_guard(main)

@@ -4,7 +4,8 @@ The paper proposes this combination as future work; this is our implementation o
 
 Stage 1 trains mean teacher where the BCE treats every missing label as a negative (as B0):
     J_1 = mean_{n,c} BCE(p_nc, y_nc) + beta * mean_{n,c} (p_nc - q_nc)^2
-The stage-1 EMA teacher (selected by its validation loss) scores the missing training labels,
+The stage-1 EMA teacher (selected by its own loss on the validation clips, missing = negative,
+as in label_enhance.py; --teacher-selection observed for the paper code's rule) scores the missing training labels,
 and Eq. (1) of label enhancement builds the enhanced mask M' (see label_enhance.py).
 Stage 2 trains a fresh mean teacher with the masked BCE on M':
     J_2 = sum_{n,c} M'_nc BCE(p_nc, y_nc) / sum_{n,c} M'_nc + beta * mean_{n,c} (p_nc - q_nc)^2
@@ -32,8 +33,7 @@ TABLE_I = {
 }
 
 
-def main():
-    # TRY NOT TO MODIFY: arguments, seeding, device, data
+def get_args(argv=None):
     parser = common.make_parser("Label enhancement with mean-teacher training in both stages.", TABLE_I)
     parser.add_argument("--gamma", type=common.float_in(0, 100), default=None,
                         help="percentile gamma of the teacher's scores on missing labels (default: Table I, openmic 10, sonyc 95)")
@@ -41,19 +41,30 @@ def main():
                         help="EMA decay alpha of the teacher (default: Table I, openmic 0.999, sonyc 0.99)")
     parser.add_argument("--consistency-weight", type=common.float_in(0, 1e6), default=None,
                         help="consistency weight beta (default: Table I, openmic 3, sonyc 3)")
-    args = common.parse_args(parser, TABLE_I)
-    common.check_writable(args.out)
+    parser.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
+                        help="stage 1's epochs: b0 = lowest validation BCE with missing labels as negatives, the "
+                             "loss it trains on; observed = over observed labels only, as the paper's code")
+    return common.parse_args(parser, TABLE_I, argv)
+
+
+def main():
+    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
+    args = get_args()
+    folder = common.claim_run_dir(args, "le_mean_teacher", TABLE_I)  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
-    val_mask = val.observed.float()
+    # Model selection masks over the validation labels (see label_enhance.py): observed only, or B0's.
+    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val.Y)}
 
-    def fit(train_mask, stage):
-        """Mean teacher with masked BCE under `train_mask`; returns both networks, each at its best val loss."""
+    def fit(train_mask, stage, selection):
+        """Mean teacher with masked BCE under `train_mask`; returns both networks, each at its best
+        validation loss under `selection` ("observed" or "b0")."""
         # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
-        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout).to(device)
+        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
+                                    input_offset=data.input_offset, input_scale=data.input_scale).to(device)
         opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
 
@@ -84,39 +95,44 @@ def main():
         step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
                                 device, args.fast, state=[model, teacher, opt, ema_step])
         history, best = [], {name: (float("inf"), 0, None) for name in ("teacher", "student")}
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.time()
-            model.train()
-            teacher.train()
-            perm = torch.randperm(len(train.X), device=device)
-            total = torch.zeros((), device=device)
-            for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
-                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-            lr = opt.param_groups[0]["lr"]
-            scheduler.step()
+        with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
+            for epoch in range(1, args.epochs + 1):
+                t0 = time.time()
+                model.train()
+                teacher.train()
+                perm = torch.randperm(len(train.X), device=device)
+                total = torch.zeros((), device=device)
+                for i in range(n_batches):
+                    idx = perm[i * batch:(i + 1) * batch]
+                    total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+                lr = opt.param_groups[0]["lr"]
+                scheduler.step()
 
-            # model selection: each network by its own validation BCE over observed labels
-            entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
-            for name, net in (("teacher", teacher), ("student", model)):
-                p = common.predict(net, val.X)
-                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-                entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-                if entry[f"val_loss_{name}"] < best[name][0]:
-                    best[name] = (entry[f"val_loss_{name}"], epoch,
-                                  {k: v.detach().clone() for k, v in net.state_dict().items()})
-            entry["val_loss"] = entry["val_loss_teacher"]
-            entry["seconds"] = time.time() - t0
-            history.append(entry)
-            common.log_epoch(epoch, args.epochs, entry["seconds"], **{f"{stage}_train_loss": entry["train_loss"]},
-                             val_loss_teacher=entry["val_loss_teacher"], val_loss_student=entry["val_loss_student"])
+                # model selection: each network by its own validation BCE under the `selection` mask
+                entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
+                for name, net in (("teacher", teacher), ("student", model)):
+                    p = common.predict(net, val.X)
+                    val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+                    for k, m in val_masks.items():
+                        entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
+                    if entry[f"val_loss_{name}_{selection}"] < best[name][0]:
+                        best[name] = (entry[f"val_loss_{name}_{selection}"], epoch,
+                                      {k: v.detach().clone() for k, v in net.state_dict().items()})
+                entry["val_loss"] = entry[f"val_loss_teacher_{selection}"]
+                entry["seconds"] = time.time() - t0
+                history.append(entry)
+                common.log_epoch(history, args.epochs, prefix=f"{stage}_")
         teacher.load_state_dict(best["teacher"][2])
         model.load_state_dict(best["student"][2])
-        return teacher, model, dict(history=history, best_epoch=best["teacher"][1], best_val_loss=best["teacher"][0],
-                                    best_epoch_student=best["student"][1])
+        return teacher, model, dict(selection=selection, history=history, best_epoch=best["teacher"][1],
+                                    best_val_loss=best["teacher"][0], best_epoch_student=best["student"][1],
+                                    **{k: v for k, v in history[best["teacher"][1] - 1].items() if k.startswith("val_loss_teacher_")})
 
     # ALGO LOGIC: stage 1, mean teacher with every missing label as a negative
-    teacher1, _, stage1 = fit(torch.ones_like(train.Y), "stage1")
+    teacher1, _, stage1 = fit(torch.ones_like(train.Y), "stage1", args.teacher_selection)
+    if stage1["best_epoch"] == 1:
+        common.warn("the stage-1 teacher was selected at epoch 1: it has likely learnt nothing, and LE will add "
+                    "random negatives (see --teacher-selection)")
 
     # ALGO LOGIC: Eq. (1) with the stage-1 EMA teacher's scores on the training clips
     enhanced, per_class = enhance_mask(common.predict(teacher1, train.X), train.observed, args.gamma)
@@ -132,22 +148,19 @@ def main():
         enhancement["masked_recall"] = hits / max(positive.sum().item(), 1)
 
     # ALGO LOGIC: stage 2, a fresh mean teacher on the enhanced mask
-    teacher, student, stage2 = fit(enhanced.float(), "stage2")
+    teacher, student, stage2 = fit(enhanced.float(), "stage2", "observed")
 
     # TRY NOT TO MODIFY: test both networks (the teacher is the primary result), write the run
     scores = common.predict(teacher, data.test.X)
     test = common.evaluate(scores, data.test, data)
     test_student = common.evaluate(common.predict(student, data.test.X), data.test, data)
     print(f"best epoch {stage2['best_epoch']} | test (teacher) " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
-    suffix = [f"gamma{args.gamma:g}"] if args.gamma != TABLE_I["sonyc" if args.dataset == "sonyc" else "openmic"]["gamma"] else []
     record = common.run_record(args, device, started, method="le_mean_teacher", history=stage2["history"],
                                best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
                                best_epoch_student=stage2["best_epoch_student"], stage1=stage1,
                                enhancement=enhancement, test=test, test_student=test_student)
-    common.save_run(common.run_dir(args, "le_mean_teacher", *suffix), record,
-                    {"teacher": teacher.state_dict(), "student": student.state_dict(),
-                     "stage1_teacher": teacher1.state_dict()}, scores, data)
-
+    common.save_run(folder, record, {"teacher": teacher.state_dict(), "student": student.state_dict(),
+                                     "stage1_teacher": teacher1.state_dict()}, "teacher", teacher, scores, data)
 
 if __name__ == "__main__":
     common.main_guard(main)

@@ -31,9 +31,12 @@ TABLE_I = {
 
 # ALGO LOGIC: the EMA teacher
 def ema_tensors(model):
-    """What the teacher averages: its parameters and the batch-norm running statistics.
-    The BN buffers are averaged like weights (not copied), so the teacher normalises with
-    statistics that match its own averaged weights."""
+    """What the teacher averages: its parameters and its floating-point buffers, the batch-norm
+    running statistics among them (the input scaling is the same constant in both networks, so
+    averaging leaves it unchanged). In train mode, as during training, BN normalises with each
+    batch's own statistics; the averaged running statistics are what BN uses in eval mode, for
+    validation, test and prediction, and they match the teacher's averaged weights. (The paper's
+    code and CuriousAI's average the parameters only.)"""
     return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
 
 
@@ -45,24 +48,29 @@ def ema_update(teacher, student, step, ema_decay):
     torch._foreach_lerp_(teacher, student, 1 - alpha)         # teacher = alpha teacher + (1 - alpha) student
 
 
-def main():
-    # TRY NOT TO MODIFY: arguments, seeding, device, data
+def get_args(argv=None):
     parser = common.make_parser("Mean teacher: masked BCE plus consistency with an EMA teacher.", TABLE_I)
     parser.add_argument("--ema-decay", type=common.float_in(0, 1), default=None,
                         help="EMA decay alpha of the teacher (default: Table I, openmic 0.999, sonyc 0.99)")
     parser.add_argument("--consistency-weight", type=common.float_in(0, 1e6), default=None,
                         help="consistency weight beta (default: Table I, openmic 3, sonyc 3)")
-    args = common.parse_args(parser, TABLE_I)
-    common.check_writable(args.out)
+    return common.parse_args(parser, TABLE_I, argv)
+
+
+def main():
+    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
+    args = get_args()
+    folder = common.claim_run_dir(args, "mean_teacher", TABLE_I)  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
+    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
-    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout).to(device)
+    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
+                                input_offset=data.input_offset, input_scale=data.input_scale).to(device)
     opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
 
@@ -97,32 +105,32 @@ def main():
     step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
                             device, args.fast, state=[model, teacher, opt, ema_step])
     history, best = [], {name: (float("inf"), 0, None) for name in ("teacher", "student")}
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        teacher.train()
-        perm = torch.randperm(len(train.X), device=device)
-        total = torch.zeros((), device=device)
-        for i in range(n_batches):
-            idx = perm[i * batch:(i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-        lr = opt.param_groups[0]["lr"]
-        scheduler.step()
+    with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
+        for epoch in range(1, args.epochs + 1):
+            t0 = time.time()
+            model.train()
+            teacher.train()
+            perm = torch.randperm(len(train.X), device=device)
+            total = torch.zeros((), device=device)
+            for i in range(n_batches):
+                idx = perm[i * batch:(i + 1) * batch]
+                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            lr = opt.param_groups[0]["lr"]
+            scheduler.step()
 
-        # model selection: each network by its own validation BCE over observed labels
-        entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
-        for name, net in (("teacher", teacher), ("student", model)):
-            p = common.predict(net, val.X)
-            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-            entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-            if entry[f"val_loss_{name}"] < best[name][0]:
-                best[name] = (entry[f"val_loss_{name}"], epoch,
-                              {k: v.detach().clone() for k, v in net.state_dict().items()})
-        entry["val_loss"] = entry["val_loss_teacher"]
-        entry["seconds"] = time.time() - t0
-        history.append(entry)
-        common.log_epoch(epoch, args.epochs, entry["seconds"], train_loss=entry["train_loss"],
-                         val_loss_teacher=entry["val_loss_teacher"], val_loss_student=entry["val_loss_student"])
+            # model selection: each network by its own validation BCE over observed labels
+            entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
+            for name, net in (("teacher", teacher), ("student", model)):
+                p = common.predict(net, val.X)
+                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+                entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+                if entry[f"val_loss_{name}"] < best[name][0]:
+                    best[name] = (entry[f"val_loss_{name}"], epoch,
+                                  {k: v.detach().clone() for k, v in net.state_dict().items()})
+            entry["val_loss"] = entry["val_loss_teacher"]
+            entry["seconds"] = time.time() - t0
+            history.append(entry)
+            common.log_epoch(history, args.epochs)
 
     # TRY NOT TO MODIFY: test both selected networks (the teacher is the primary result), write the run
     teacher.load_state_dict(best["teacher"][2])
@@ -135,9 +143,8 @@ def main():
     record = common.run_record(args, device, started, method="mean_teacher", history=history,
                                best_epoch=best["teacher"][1], best_val_loss=best["teacher"][0],
                                best_epoch_student=best["student"][1], test=test, test_student=test_student)
-    common.save_run(common.run_dir(args, "mean_teacher"), record,
-                    {"teacher": best["teacher"][2], "student": best["student"][2]}, scores, data)
-
+    common.save_run(folder, record, {"teacher": best["teacher"][2], "student": best["student"][2]}, "teacher",
+                    model, scores, data)
 
 if __name__ == "__main__":
     common.main_guard(main)
