@@ -1,8 +1,7 @@
 """Shared infrastructure for the method scripts: data, model, metrics and plumbing.
 
-This file holds no loss and no training step: every method script keeps its whole
-method inline, so that reading one script teaches one method. What lives here is what
-every method needs in exactly the same form:
+It holds no loss and no training step: every method script keeps its whole method inline,
+so that reading one script teaches one method. Here is what every method needs the same way:
 
     #####  Command line and run setup   (seeding, device, run folders, errors)
     #####  Data                          (synthetic, your own .h5; OpenMIC-2018 and SONYC-UST in their own modules)
@@ -33,6 +32,8 @@ import torch.nn as nn
 
 import openmic
 import sonyc
+import synthetic
+from fastpath import fast_step  # noqa: F401  (the --fast CUDA graph; the scripts call common.fast_step)
 
 
 class UserError(Exception):
@@ -88,8 +89,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def make_parser(description, table):
     """The command line shared by every method script. `table` is the script's Table I:
     None-valued options take their default from it, per dataset."""
-    def tdef(key):
-        return ", ".join(f"{d} {row[key]}" for d, row in table.items())
+    tdef = lambda key: ", ".join(f"{d} {row[key]}" for d, row in table.items())  # noqa: E731
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", type=_dataset_arg, default="synthetic",
                    help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file")
@@ -136,10 +136,8 @@ def get_device(name=None, threads=None):
     """The device by name (default: cuda if available), and torch's CPU thread count."""
     if threads:
         torch.set_num_threads(threads)
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -150,10 +148,8 @@ def get_device(name=None, threads=None):
 def run_dir(args, method, table):
     """{out}/{dataset}__{method}__seed{seed}, plus the sweep's other axes where they are not the
     default: __drop{r}, __dropseed{s}, __gamma{g}, and LE's __teacher-observed."""
-    if args.dataset.endswith((".h5", ".hdf5")):
-        name = Path(args.dataset).stem
-    else:
-        name = "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset
+    name = Path(args.dataset).stem if args.dataset.endswith((".h5", ".hdf5")) else (
+        "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset)
     name += f"__{method}__seed{args.seed}"
     if args.drop_rate > 0:
         name += f"__drop{args.drop_rate:g}" + (f"__dropseed{args.drop_seed}" if args.drop_seed != DROP_SEED else "")
@@ -182,9 +178,8 @@ def check_writable(out):
     try:
         if not p.is_dir():
             raise OSError(f"{p} is not a folder")
-        fd, probe = tempfile.mkstemp(dir=p)
-        os.close(fd)
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=p):
+            pass
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e})")
 
@@ -224,7 +219,7 @@ def main_guard(main):
 def _diverged(epoch, history):
     last = next(((e["epoch"], e["train_loss"]) for e in reversed(history) if np.isfinite(e["train_loss"])), None)
     fail(f"training diverged at epoch {epoch}: the loss is not finite (last finite training loss: "
-         f"{f'{last[1]:.4g} at epoch {last[0]}' if last else 'none'}); try a lower --lr")
+         f"{f'{last[1]:.4g} at epoch {last[0]}' if last else 'none'}); try a lower --lr, or check the scale of the inputs")
 
 
 def log_epoch(history, epochs, prefix=""):
@@ -248,6 +243,8 @@ def stop_on_divergence(history):
         if "between 0 and 1" not in str(e) and "device-side assert" not in str(e):
             raise
         _diverged(len(history) + 1, history)
+
+
 #####################################################################################
 #  Data
 #####################################################################################
@@ -264,7 +261,6 @@ class Split:
 
 @dataclass
 class Data:
-    name: str
     train: Split
     val: Split
     test: Split
@@ -278,7 +274,7 @@ class Data:
 def load_dataset(args, device):
     """Returns a Data with train / val / test on `device`, chosen by args.dataset."""
     if args.dataset == "synthetic":
-        arrays, names, info = make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
+        arrays, names, info = synthetic.make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
     elif args.dataset == "openmic":
         arrays, names, info = openmic.load_openmic(Path(args.data_dir) / "openmic-2018")
     elif args.dataset == "sonyc":
@@ -288,9 +284,9 @@ def load_dataset(args, device):
     if args.drop_rate > 0:
         arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
 
+    source = info.pop("source", args.dataset)
     for a in arrays.values():   # uint8 and float16 stay so, anything else becomes float32
-        a["X"] = compact(a["X"], info.get("source", args.dataset))
-    info.pop("source", None)
+        a["X"] = compact(a["X"], source)
 
     def to_split(a):
         t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # no copy of X on CPU
@@ -311,7 +307,7 @@ def load_dataset(args, device):
     print(f"data: {args.dataset} | train {len(tr.X)} val {len(splits['val'].X)} test {len(splits['test'].X)} clips"
           f" | {tuple(tr.X.shape[1:])} frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes"
           f" | {tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
-    return Data(args.dataset, splits["train"], splits["val"], splits["test"], list(names), scored,
+    return Data(splits["train"], splits["val"], splits["test"], list(names), scored,
                 info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
 
 
@@ -320,39 +316,9 @@ def drop_labels(observed, rate, seed=DROP_SEED):
     Seeded on its own (--drop-seed), so every method and training seed sees the same reduced labels."""
     observed = np.array(observed, bool)
     idx = np.flatnonzero(observed)
-    rng = np.random.default_rng(seed)
-    drop = rng.choice(idx, size=int(round(rate * len(idx))), replace=False)
+    drop = np.random.default_rng(seed).choice(idx, size=int(round(rate * len(idx))), replace=False)
     observed.flat[drop] = False
     return observed
-
-
-def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)):
-    """OpenMIC-shaped partially labelled data whose complete truth is known.
-
-    Each class has a direction in feature space; a present class adds it, with a random
-    strength, to a random run of 2-6 consecutive frames over Gaussian noise. Classes come
-    in pairs whose directions are correlated, so some of them are easy to confuse. About 10%
-    of labels are observed, positives about four times as often as negatives (as in OpenMIC's
-    annotation), so B0's "missing = negative" is wrong for most positives.
-    Fixed by its own seed: every method and training seed sees the same data.
-    """
-    rng = np.random.default_rng(seed)
-    n = n_train + n_val + n_test
-    prior = rng.uniform(0.05, 0.25, n_classes)
-    base = rng.standard_normal((n_classes // 2, features))
-    protos = 0.7 * np.repeat(base, 2, axis=0) + 0.7 * rng.standard_normal((n_classes, features))
-    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    Y = rng.random((n, n_classes)) < prior                                      # (N, C)
-    length = rng.integers(2, 7, (n, n_classes))
-    start = rng.integers(0, frames - length + 1)
-    t = np.arange(frames)
-    active = Y[:, :, None] & (t >= start[:, :, None]) & (t < (start + length)[:, :, None])  # (N, C, T)
-    strength = rng.uniform(*strength, (n, n_classes)).astype(np.float32)
-    X = rng.standard_normal((n, frames, features)).astype(np.float32)
-    X += np.einsum("nct,nc,cd->ntd", active.astype(np.float32), strength, protos.astype(np.float32))
-    observed = rng.random((n, n_classes)) < np.where(Y, 0.30, 0.08)
-    cuts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, n)}
-    return {s: dict(X=X[c], Y=Y[c] & observed[c], observed=observed[c], Y_full=Y[c]) for s, c in cuts.items()}
 
 
 def compact(X, path, where=""):
@@ -365,16 +331,13 @@ def compact(X, path, where=""):
         fail(f"{path}: X should be (N, T, D), found {X.shape}")
     if X.dtype.kind not in "biuf":
         fail(f"{path}: X has dtype {X.dtype}; expected integers or floats")
-    if X.dtype in (np.uint8, np.float16):
-        out = X
-    else:
-        with np.errstate(over="ignore"):
-            out = X.astype(np.float32, copy=False)
-    if out.dtype.kind == "f":  # checked 4,096 rows at a time: no full-size temporary
-        bad = np.concatenate([~np.isfinite(out[i:i + 4096]).reshape(len(out[i:i + 4096]), -1).all(1)
-                              for i in range(0, len(out), 4096)] or [np.zeros(0, bool)])
-        if bad.any():
-            fail(f"{path}: X has NaN or inf in {bad.sum()} of {len(X)} rows{where} (as {out.dtype})")
+    with np.errstate(over="ignore"):
+        out = X if X.dtype in (np.uint8, np.float16) else X.astype(np.float32, copy=False)
+    # finite, checked 4,096 rows at a time: no full-size temporary
+    bad = sum(int((~np.isfinite(out[i:i + 4096].reshape(len(out[i:i + 4096]), -1)).all(1)).sum())
+              for i in range(0, len(out), 4096)) if out.dtype.kind == "f" else 0
+    if bad:
+        fail(f"{path}: X has NaN or inf in {bad} of {len(X)} rows{where} (as {out.dtype})")
     return out
 
 
@@ -384,20 +347,18 @@ def _strings(values):
 
 
 def load_h5(path, block_bytes=64 << 20):
-    """Bring your own embeddings: one .h5 file with datasets X (N, T, D), Y (N, C) in {0, 1},
-    observed (N, C) bool, split (N,) strings train/val/test, optional keys (N,) strings, and
-    the attribute class_names. X is read a block of rows at a time straight into each split's
-    array, in its compact width (see compact): never a float32 copy of the whole file."""
+    """Bring your own embeddings: one .h5 with X (N, T, D), Y (N, C) in {0, 1}, observed (N, C) bool,
+    split (N,) strings train/val/test, optional keys (N,) strings, and the attribute class_names.
+    X is read in blocks of rows straight into each split's array, in its compact width: no float32 copy."""
     import h5py
     if not path.is_file():
         fail(f"no such file: {path}")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("X", "Y", "observed", "split") if k not in f]
+            missing += [] if "class_names" in f.attrs else ["attribute class_names"]
             if missing:
-                fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split (and attribute class_names)")
-            if "class_names" not in f.attrs:
-                fail(f"{path}: missing attribute class_names")
+                fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split and attribute class_names")
             Y, obs = f["Y"][()], f["observed"][()].astype(bool)
             split = np.array(_strings(f["split"][()]))
             keys = _strings(f["keys"][()]) if "keys" in f else None
@@ -412,9 +373,8 @@ def load_h5(path, block_bytes=64 << 20):
             if unknown:
                 fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
             rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-            for s, r in rows.items():
-                if len(r) == 0:
-                    fail(f"{path}: no rows with split '{s}'")
+            for s in [s for s, r in rows.items() if len(r) == 0]:
+                fail(f"{path}: no rows with split '{s}'")
             X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
             step = max(1, block_bytes // max(1, first.nbytes))
             for a in range(0, n, step):
@@ -440,10 +400,9 @@ class AttentionMIL(nn.Module):
               -> L x [1x1 linear (no bias) -> BN -> ReLU -> dropout]
               -> + residual from the raw input -> per-class attention and classifier heads
               -> attention-weighted mean of the classifier over time, clamped to [0, 1] -> (B, C).
-    A 1x1 convolution over time is a Linear on the last axis; BN normalises each feature
-    over the batch and the frames together. The input scaling is part of the model (buffers
-    in its state_dict): OpenMIC's X / 255 and SONYC-UST's z-score travel with a saved model,
-    and embeddings may stay uint8 on the device until a batch reaches the model.
+    A 1x1 convolution over time is a Linear on the last axis; BN normalises each feature over
+    the batch and the frames together. The input scaling is buffers in the state_dict: OpenMIC's
+    X / 255 and SONYC-UST's z-score travel with a saved model, and X may stay uint8 until here.
     """
 
     def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6, input_offset=0.0, input_scale=1.0):
@@ -509,9 +468,8 @@ def predict(model, X, batch=4096):
 #####################################################################################
 
 def f1_scores(y_true, y_pred):
-    """The paper's per-class F1 (Gururani et al. 2019): the unweighted mean of the F1 of
-    'absent' and 'present', as scikit-learn's classification_report 'macro avg' computes
-    it; and the plain positive-class F1."""
+    """The paper's per-class F1 (Gururani et al. 2019): the unweighted mean of the F1 of 'absent' and
+    'present' (classification_report's 'macro avg'); and the plain positive-class F1."""
     from sklearn.metrics import f1_score
     macro = f1_score(y_true, y_pred, average="macro", zero_division=0)
     pos = f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
@@ -529,10 +487,7 @@ def classwise_f1(scores, Y, mask, names, scored, threshold=0.5):
     macro, pos = [], []
     for c in range(Y.shape[1]):
         m = mask[:, c]
-        if not scored[c] or not m.any():
-            macro.append(float("nan")); pos.append(float("nan"))
-            continue
-        a, b = f1_scores(Y[m, c].astype(int), pred[m, c].astype(int))
+        a, b = f1_scores(Y[m, c].astype(int), pred[m, c].astype(int)) if scored[c] and m.any() else (np.nan, np.nan)
         macro.append(a); pos.append(b)
     return dict(f1_macro=_nanmean(macro), f1_pos_macro=_nanmean(pos),
                 per_class_f1_macro=dict(zip(names, macro)), per_class_f1_pos=dict(zip(names, pos)))
@@ -556,8 +511,7 @@ def masked_auprc(scores, Y, mask, names, scored):
         per = []
         for c in range(Y.shape[1]):
             m = mask[:, c]
-            ok = scored[c] and Y[m, c].any()
-            per.append(float(f(Y[m, c], scores[m, c])) if ok else float("nan"))
+            per.append(float(f(Y[m, c], scores[m, c])) if scored[c] and Y[m, c].any() else float("nan"))
         m = mask & scored[None, :]
         out[f"{name}_macro_masked"] = _nanmean(per)
         out[f"{name}_micro_masked"] = float(f(Y[m], scores[m])) if Y[m].any() else float("nan")
@@ -568,8 +522,7 @@ def masked_auprc(scores, Y, mask, names, scored):
 def evaluate(scores, split, data):
     """Test metrics for scores (N, C) on `split`: masked F1 always; against the complete
     truth on synthetic data; masked AUPRC and the official DCASE metrics on SONYC-UST."""
-    if torch.is_tensor(scores):
-        scores = scores.float().cpu().numpy()
+    scores = scores.float().cpu().numpy() if torch.is_tensor(scores) else scores
     Y, obs = split.Y.cpu().numpy(), split.observed.cpu().numpy()
     out = classwise_f1(scores, Y, obs, data.class_names, data.scored)
     if split.Y_full is not None:
@@ -614,19 +567,14 @@ def _atomic(path, write):
 
 
 def _jsonable(x):
+    """Plain JSON values: NaN and inf become null; numpy scalars and arrays, Python ones."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
     if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, Path):
-        return str(x)
-    return x
+        return float(x) if np.isfinite(x) else None
+    return int(x) if isinstance(x, np.integer) else str(x) if isinstance(x, Path) else x
 
 
 def run_record(args, device, started, **parts):
@@ -638,12 +586,10 @@ def run_record(args, device, started, **parts):
 
 
 def save_run(folder, record, networks, primary, model, test_scores, data):
-    """Write model.pt, the test predictions and, last, metrics.json, each atomically. A run
-    whose metrics.json exists is complete; the sweep reruns any other.
-
-    model.pt (torch.load(..., weights_only=True)) has the same keys in every script: method,
-    primary (the name of the reported network), networks (name -> state_dict, input scaling
-    included), config (AttentionMIL's constructor arguments), class_names, input_dtype."""
+    """Write model.pt, the test predictions and, last, metrics.json, each atomically: a run whose
+    metrics.json exists is complete. model.pt (torch.load(..., weights_only=True)) has the same
+    keys in every script: method, primary (the reported network's name), networks (name ->
+    state_dict, input scaling included), config (AttentionMIL's arguments), class_names, input_dtype."""
     folder = Path(folder)
     bundle = dict(format="missing-labels model 1", method=record["method"], primary=primary, networks=networks,
                   config=model.config, class_names=list(data.class_names),
@@ -683,66 +629,21 @@ def load_run(folder, device="cpu"):
         fail(f"no model.pt in {folder}: not a finished run")
     except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
         fail(f"cannot load {path} (a run written by this version of missing-labels?): {str(e).splitlines()[0]}")
-    model.eval()
-    return model, {k: v for k, v in bundle.items() if k != "networks"}
+    return model.eval(), {k: v for k, v in bundle.items() if k != "networks"}
 
 
 #####################################################################################
-#  Fast path
+#  Fast path (fast_step, the --fast CUDA graph capture, lives in fastpath.py)
 #####################################################################################
 
 def adam_options(lr, device, fast):
     """Adam's speed options: fused on CUDA, foreach on CPU; the --fast CUDA graph also needs
-    a capturable optimizer whose learning rate is a tensor (the scheduler updates it in place)."""
+    a capturable optimizer whose learning rate is a tensor (the scheduler updates it in place,
+    from torch 2.4 on: older ones would leave the captured graph at the first rate)."""
+    if fast and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        fail(f"--fast needs torch >= 2.4; this is torch {torch.__version__}")
     if device.type == "cuda":
         if fast:
             return dict(lr=torch.tensor(lr, device=device), fused=True, capturable=True)
         return dict(lr=lr, fused=True)
     return dict(lr=lr, foreach=True)
-
-
-def fast_step(step, example_batch, device, enabled, state=()):
-    """Return `step` unchanged, or on CUDA with --fast a replay of one captured CUDA graph.
-
-    `step(*batch)` must do a whole training step (forward, backward, optimizer step, any EMA)
-    on fixed-shape tensors, without host syncs, and return the loss tensor. The optimizer
-    comes from adam_options(..., fast=True). `state` lists what a step changes (modules,
-    optimizers, tensors): the warm-up steps that capture needs are undone in place, so the
-    run starts from the same weights as the eager one. Replays then cost no Python overhead.
-    """
-    if not enabled:
-        return step
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        fail(f"--fast needs torch >= 2.4 (its LR schedulers update a tensor learning rate in place; "
-             f"older ones would leave the captured graph at the first rate); this is torch {torch.__version__}")
-    if device.type != "cuda":
-        print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
-        return step
-    tensors = [t for s in state if not isinstance(s, torch.optim.Optimizer)
-               for t in (s.state_dict().values() if isinstance(s, nn.Module) else [s])]
-    saved = [t.detach().clone() for t in tensors]
-    static = [b.clone() for b in example_batch]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: allocates grads and optimizer state
-        for _ in range(3):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():          # undo the warm-up in place; the graph keeps these addresses
-        for t, v in zip(tensors, saved):
-            t.copy_(v)
-        for opt in (s for s in state if isinstance(s, torch.optim.Optimizer)):
-            for st in opt.state.values():
-                for v in st.values():
-                    if torch.is_tensor(v):
-                        v.zero_()  # a fresh Adam: zero moments, step 0
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(*static)
-
-    def replay(*batch):
-        for buf, b in zip(static, batch):
-            buf.copy_(b)
-        graph.replay()
-        return static_loss.clone()
-    return replay

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import common
+import sonyc
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher"]
@@ -189,8 +190,10 @@ def test_scripts_run_on_synthetic(method, tmp_path):
     assert 0 < m["test"]["f1_macro_full_truth"] <= 1
     assert m["args"]["seed"] == 0 and m["versions"]["torch"] == torch.__version__ and m["device"]
     assert m["best_epoch"] in (1, 2) and m["seconds"] > 0
-    states = torch.load(tmp_path / f"synthetic__{method}__seed0" / "model.pt", weights_only=True)
-    assert states and all(isinstance(s, dict) for s in states.values())
+    bundle = torch.load(tmp_path / f"synthetic__{method}__seed0" / "model.pt", weights_only=True)
+    states = bundle["networks"]
+    assert states and all(isinstance(s, dict) for s in states.values()) and bundle["primary"] in states
+    assert bundle["method"] == method and bundle["config"]["n_classes"] == 20 and len(bundle["class_names"]) == 20
     pred = np.load(tmp_path / f"synthetic__{method}__seed0" / "test_predictions.npz")
     assert pred["scores"].shape == (1500, 20) and ((pred["scores"] >= 0) & (pred["scores"] <= 1)).all()
     if method in ("mean_teacher", "le_mean_teacher"):
@@ -231,6 +234,14 @@ def test_scripts_run_on_sonyc(level, tmp_path):
         assert table[0] == ["audio_filename"] + SONYC_FINE + SONYC_COARSE
         assert [r[0] for r in table[1:]] == ["02_000006.wav", "02_000007.wav"]
         assert table[1][1 + SONYC_FINE.index("1-X_engine-of-uncertain-size")] == "0"
+        if method == "b1":   # the standalone scorer reads the submission back to the same numbers
+            p = ok(run("sonyc.py", folder / "test_predictions.csv", tmp_path / "sonyc-ust" / "annotations.csv", "--split", "test"))
+            scored = json.loads(p.stdout)
+            keys = [k for k in scored if k in test and (level == "fine" or "coarse" in k)]
+            assert len(keys) >= (6 if level == "fine" else 3) and all(scored[k] == pytest.approx(test[k], abs=1e-12) for k in keys)
+            (tmp_path / "head.csv").write_text(table and ",".join(table[0]) + "\n")
+            p = run("sonyc.py", tmp_path / "head.csv", tmp_path / "sonyc-ust" / "annotations.csv", "--split", "test")
+            assert p.returncode == 2 and "no prediction for 2 'test' clip(s)" in p.stderr and "Traceback" not in p.stderr
     assert "observed" in p.stdout
 
 
@@ -299,9 +310,9 @@ def test_simulate_missing_sweeps_summarizes_and_resumes(tmp_path):
 #  Loaders, against the official layouts
 #####################################################################################
 
-def load(dataset, data_dir=".", level="fine", drop_rate=0.0):
-    return common.load_dataset(Namespace(dataset=str(dataset), data_dir=str(data_dir), level=level, drop_rate=drop_rate),
-                               torch.device("cpu"))
+def load(dataset, data_dir=".", level="fine", drop_rate=0.0, drop_seed=common.DROP_SEED):
+    return common.load_dataset(Namespace(dataset=str(dataset), data_dir=str(data_dir), level=level, drop_rate=drop_rate,
+                                         drop_seed=drop_seed), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("names", [("split01_train.csv", "split01_test.csv"), ("train01.txt", "test01.txt")])
@@ -314,7 +325,8 @@ def test_openmic_loader_reads_the_official_layout(tmp_path, names):
     row = {k: i for i, k in enumerate(raw["keys"])}
     for split in (d.train, d.val, d.test):
         r = [row[k] for k in split.keys]
-        assert torch.allclose(split.X, torch.tensor(raw["X"][r] / 255.0, dtype=torch.float32))
+        assert split.X.dtype == torch.uint8 and torch.equal(split.X, torch.tensor(raw["X"][r]))  # kept as bytes
+        assert torch.allclose(split.X.float() * d.input_scale, torch.tensor(raw["X"][r] / 255.0, dtype=torch.float32))
         assert torch.equal(split.observed, torch.tensor(raw["mask"][r]))
         assert torch.equal(split.Y.bool(), torch.tensor((raw["Y_true"][r] >= 0.5) & raw["mask"][r]))
     assert load("openmic", tmp_path).val.keys == d.val.keys  # the validation split does not move
@@ -347,8 +359,9 @@ def test_sonyc_targets_and_mask_by_hand(tmp_path):
     assert set(np.flatnonzero(~d.val.observed.numpy()[0])) == {col["4-1"], col["4-2"], col["4-3"]}
     assert d.test.extra["x_truth"][1].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
     assert d.test.extra["coarse_truth"][1].tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
-    # z-scored with training statistics
-    assert torch.allclose(d.train.X.mean((0, 1)), torch.zeros(512), atol=1e-4)
+    # z-scored with training statistics, inside the model: (x - input_offset) * input_scale
+    z = (d.train.X - torch.as_tensor(d.input_offset)) * torch.as_tensor(d.input_scale)
+    assert torch.allclose(z.mean((0, 1)), torch.zeros(512), atol=1e-4) and torch.allclose(z.std((0, 1), correction=0), torch.ones(512), atol=1e-3)
     c = load("sonyc", tmp_path, level="coarse")
     assert c.class_names == SONYC_COARSE
     assert c.train.Y.numpy()[1].tolist() == [1, 0, 0, 0, 0, 1, 0, 0]
@@ -444,7 +457,7 @@ def small_taxonomy():
 def dcase(scores, fine_truth, x_truth, coarse_truth, level="fine"):
     extra = dict(fine_truth=np.array(fine_truth, bool), x_truth=np.array(x_truth, bool),
                  coarse_truth=np.array(coarse_truth, bool))
-    return common.dcase_metrics(np.array(scores, float), extra, small_taxonomy(), level)
+    return sonyc.dcase_metrics(np.array(scores, float), extra, small_taxonomy(), level)
 
 
 def test_dcase_perfect_inverted_and_tied():
@@ -471,7 +484,7 @@ def test_dcase_incomplete_tag_rules_by_hand():
     coarse_truth = [[1, 1], [1, 0], [0, 0]]
     # group 1, t=1.0: TP 0 FP 0 FN 2 (a on clip 1; clip 2's X judged coarsely) -> P 0, R 0
     #          t=0.8: TP 2 (a; clip 2 coarsely) FP 1 (b on clip 3; not b on clip 2, whose truth has X) -> P 2/3, R 1
-    thr, counts = common._group_counts(np.array(scores)[:, :2], np.array(fine_truth, bool)[:, :2],
+    thr, counts = sonyc._group_counts(np.array(scores)[:, :2], np.array(fine_truth, bool)[:, :2],
                                        np.array(x_truth, bool)[:, 0], fine=True)
     assert thr.tolist() == [1.0, 0.8] and counts.tolist() == [[0, 0, 2], [2, 1, 0]]
     # AUPRC group 1: (0,1) (0,0) (1,2/3) (1,0) -> 1/3; group 2: (0,1) (0,0) (1,1) (1,1/2) (1,0) -> 1/2
@@ -493,8 +506,39 @@ def test_masked_auprc_uses_observed_entries_only():
     mask = rng.random((40, 3)) < 0.6
     out = common.masked_auprc(scores, Y, mask, ["a", "b", "c"], np.ones(3, bool))
     per = [average_precision_score(Y[mask[:, c], c], scores[mask[:, c], c]) for c in range(3)]
-    assert out["auprc_macro_masked"] == pytest.approx(np.mean(per))
-    assert out["auprc_micro_masked"] == pytest.approx(average_precision_score(Y[mask], scores[mask]))
+    assert out["ap_macro_masked"] == pytest.approx(np.mean(per))        # average precision, under its own name
+    assert out["ap_micro_masked"] == pytest.approx(average_precision_score(Y[mask], scores[mask]))
+    area = [paper_area(Y[mask[:, c], c], scores[mask[:, c], c]) for c in range(3)]
+    assert out["auprc_macro_masked"] == pytest.approx(np.mean(area), abs=1e-12)
+    assert out["auprc_micro_masked"] == pytest.approx(paper_area(Y[mask], scores[mask]), abs=1e-12)
+
+
+def paper_area(y, s):
+    """The paper code's AUPRC, computed independently: at each distinct score, descending, the
+    precision and recall of 'score >= t'; the curve from (R 0, P 1) through them to (R 1, P 0);
+    the trapezoid area."""
+    y, s = np.asarray(y, bool), np.asarray(s, float)
+    R, P = [0.0], [1.0]
+    for t in np.unique(s)[::-1]:
+        pred = s >= t
+        R.append((y & pred).sum() / y.sum())
+        P.append((y & pred).sum() / pred.sum())
+    R, P = np.array(R + [1.0]), np.array(P + [0.0])
+    return float(np.sum(np.diff(R) * (P[1:] + P[:-1]) / 2))
+
+
+def test_paper_auprc_by_hand_and_against_an_independent_computation():
+    y, s = np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.4, 0.1])
+    assert common.pr_area(y, s) == pytest.approx(0.791667, abs=1e-6) and paper_area(y, s) == pytest.approx(0.791667, abs=1e-6)
+    from sklearn.metrics import average_precision_score
+    assert average_precision_score(y, s) == pytest.approx(0.833333, abs=1e-6)   # not the same number
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = rng.integers(5, 60)
+        y = rng.integers(0, 2, n)
+        y[0] = 1
+        s = rng.integers(0, 6, n) / 5.0      # few distinct values: many ties
+        assert common.pr_area(y, s) == pytest.approx(paper_area(y, s), abs=1e-12)
 
 
 #####################################################################################
@@ -556,7 +600,7 @@ def test_bad_openmic_inputs(tmp_path):
     npz = root / "openmic-2018.npz"
     good = npz.read_bytes()
     npz.write_bytes(good[:1000])
-    bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["cannot read", "openmic-2018.npz"])
+    bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["cannot read", "openmic-2018.npz", "not a zip"])
     np.savez(npz, X=raw["X"], Y_true=raw["Y_true"], sample_key=raw["keys"])
     bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["Y_mask", "openmic-2018.npz"])
     np.savez(npz, X=raw["X"][:, 0], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
@@ -641,3 +685,280 @@ def test_cuda_smoke_eager_and_fast(method, tmp_path):
     a = metrics_of(tmp_path / "eager", f"synthetic__{method}__seed0")["test"]["f1_macro"]
     b = metrics_of(tmp_path / "fast", f"synthetic__{method}__seed0")["test"]["f1_macro"]
     assert abs(a - b) < 0.05
+
+
+#####################################################################################
+#  The data path: no pickle runs, any scale trains, X stays compact
+#####################################################################################
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted download would do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_or_broken_openmic_npz_is_refused_and_runs_nothing(tmp_path):
+    root, raw = write_openmic(tmp_path)
+    npz, marker = root / "openmic-2018.npz", tmp_path / "pwned"
+    keys = raw["keys"].copy()
+    keys[0] = _Payload(marker)
+    np.savez(npz, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=keys)
+    err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["openmic-2018.npz", "refused", "system"],
+              runner=run)
+    assert not marker.exists() and len(err.strip().splitlines()) == 1
+    np.savez(npz, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=np.array([{"a": 1}] * 80, dtype=object))
+    bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["sample_key should be an array of strings"])
+    for content in (b"<html>Not Found</html>", b"\x80\x04\x95" + os.urandom(200), b""):   # a failed download, raw bytes
+        npz.write_bytes(content)
+        assert "not a zip" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["openmic-2018.npz"])
+    np.savez(npz, X=raw["X"].astype(object), Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
+    bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path, expect=["cannot read", "allow_pickle"])
+    assert not marker.exists()
+
+
+def test_saturated_classifier_keeps_the_output_in_0_1():
+    torch.manual_seed(0)
+    model = common.AttentionMIL(16, 5, layers=1, hidden=16, dropout=0.0).eval()
+    with torch.no_grad():
+        model.classifier.bias.fill_(60.0)                 # sigmoid = 1.0 exactly
+        model.attention.weight.normal_(0, 3)              # uneven weights: their sum is 1 + eps
+    x = torch.randn(256, 10, 16) * 100
+    p = model(x)
+    assert ((p >= 0) & (p <= 1)).all() and (p == 1).any()
+    assert torch.isfinite(torch.nn.functional.binary_cross_entropy(p, torch.zeros_like(p)))
+
+
+def write_scaled_h5(path, dtype, scale, n=64):
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128)) * scale
+    with h5py.File(path, "w") as f:
+        f["X"] = X.astype(dtype)
+        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
+        f["observed"] = rng.random((n, 4)) < 0.6
+        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
+        f.attrs["class_names"] = ["a", "b", "c", "d"]
+    return path
+
+
+@pytest.mark.parametrize("method", ["b1", "label_enhance", "mean_teacher"])
+def test_raw_bytes_and_huge_floats_train(method, tmp_path):
+    for name, dtype, scale in (("bytes", np.uint8, 1), ("huge", np.float32, 1e4)):
+        path = write_scaled_h5(tmp_path / f"{name}.h5", dtype, scale)
+        ok(call(f"{method}.py", "--dataset", path, "--epochs", 3, "--batch-size", 8, "--out", tmp_path))
+        pred = np.load(tmp_path / f"{name}__{method}__seed0" / "test_predictions.npz")["scores"]
+        assert ((pred >= 0) & (pred <= 1)).all()
+
+
+def test_h5_keeps_the_stored_width_and_reads_in_blocks(tmp_path):
+    for dtype, kept in ((np.uint8, torch.uint8), (np.float16, torch.float16), (np.float64, torch.float32),
+                        (np.int16, torch.float32)):
+        path = write_scaled_h5(tmp_path / f"{np.dtype(dtype).name}.h5", dtype, 1)
+        d = load(path)
+        assert d.train.X.dtype == kept and d.input_scale == 1.0
+        whole, _, _ = common.load_h5(path)
+        blocks, _, _ = common.load_h5(path, block_bytes=3000)      # 2 clips a block: many blocks
+        for s in ("train", "val", "test"):
+            assert np.array_equal(whole[s]["X"], blocks[s]["X"])
+    path = tmp_path / "float64.h5"
+    with h5py.File(path, "a") as f:
+        f["X"][50, 0, 0] = 1e300                             # finite as float64, inf as float32
+    bad(tmp_path, "--dataset", path, expect=["float64.h5", "NaN or inf in 1 of 64 rows 0..63", "float32"])
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["X"] = np.zeros((64, 128), np.float32)
+    bad(tmp_path, "--dataset", tmp_path / "flat.h5", expect=["flat.h5", "missing dataset(s) ['Y', 'observed', 'split', 'attribute class_names']"])
+    with h5py.File(tmp_path / "flat.h5", "a") as f, h5py.File(path, "r") as g:
+        for k in ("Y", "observed", "split"):
+            f[k] = g[k][()]
+        f.attrs["class_names"] = ["a", "b", "c", "d"]
+    bad(tmp_path, "--dataset", tmp_path / "flat.h5", expect=["X[:, None, :]"])
+
+
+def test_sonyc_cache_notices_recomputed_embeddings(tmp_path):
+    write_sonyc(tmp_path)
+    first = load("sonyc", tmp_path)
+    emb = tmp_path / "sonyc-ust" / "embeddings" / "02_000007.npz"
+    np.savez(emb, embedding=np.full((11, 512), 7.0, np.float32))
+    st = emb.stat()
+    os.utime(emb, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = load("sonyc", tmp_path)
+    assert (second.test.X[1] == 7.0).all() and not (first.test.X[1] == 7.0).all()
+    assert torch.equal(second.test.X[0], first.test.X[0])
+
+
+#####################################################################################
+#  Label enhancement's teacher selection
+#####################################################################################
+
+def test_le_teacher_is_selected_by_its_own_loss_unless_asked(tmp_path):
+    ok(call("label_enhance.py", "--epochs", 4, "--out", tmp_path))
+    p = ok(call("label_enhance.py", "--epochs", 4, "--out", tmp_path, "--teacher-selection", "observed"))
+    own = metrics_of(tmp_path, "synthetic__label_enhance__seed0")["teacher"]
+    paper = metrics_of(tmp_path, "synthetic__label_enhance__seed0__teacher-observed")["teacher"]
+    for t, rule in ((own, "b0"), (paper, "observed")):
+        losses = [e[f"val_loss_{rule}"] for e in t["history"]]
+        assert t["selection"] == rule and t["best_epoch"] == 1 + int(np.argmin(losses))
+        assert t[f"val_loss_{rule}"] == min(losses) and "val_loss_b0" in t and "val_loss_observed" in t
+    assert own["best_epoch"] > 1 and paper["best_epoch"] == 1        # on this data the two rules disagree
+    assert "selected at epoch 1" in p.stderr
+
+
+#####################################################################################
+#  Module boundaries: sonyc.py and openmic.py stand alone, imports run one way
+#####################################################################################
+
+def test_dataset_modules_stand_alone_and_imports_run_one_way():
+    code = "import sys; sys.modules['torch'] = sys.modules['sklearn'] = sys.modules['common'] = None; import sonyc, openmic, synthetic"
+    ok(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE))
+    import ast
+    local = {p.stem for p in HERE.glob("*.py")}
+    graph = {}
+    for p in HERE.glob("*.py"):
+        tree = ast.parse(p.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[p.stem] = names & local
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph.get(a, ()))
+    assert not [m for m in graph if reaches(m, m)], graph
+    assert graph["sonyc"] == set() and graph["openmic"] == set() and "common" in graph["b1"]
+
+
+#####################################################################################
+#  Sweeps: leave the process, plot, never table stale runs
+#####################################################################################
+
+def test_sweep_dry_run_then_collect_and_plot(tmp_path):
+    import simulate_missing
+    h5 = write_h5(tmp_path / "mine.h5")
+    grid = ["--dataset", h5, "--methods", "b0", "b1", "--rates", 0, 0.5, "--seeds", 0, 1, "--epochs", 1, "--out", tmp_path / "o"]
+    p = ok(call("simulate_missing.py", *grid, "--dry-run"))
+    commands = p.stdout.strip().splitlines()
+    assert len(commands) == 8 and all(c.startswith("python b") for c in commands) and not (tmp_path / "o").exists()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    ok(subprocess.run(["bash", "-c", " && ".join(commands)], capture_output=True, text=True, cwd=HERE, env=env))
+    p = ok(call("simulate_missing.py", *grid, "--plot"))
+    assert "8 runs, 8 already finished, 0 to do" in p.stdout and "| f1_macro | drop 0 | drop 0.5 |" in p.stdout
+    for fig in ("fig4.png", "fig5.png"):
+        assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    plotted = simulate_missing.plot(summary, tmp_path)
+    for r in summary["rows"]:
+        name = r["method"]
+        runs = [metrics_of(tmp_path / "o", f"mine__{name}__seed{s}" + ("__drop0.5" if r["rate"] else ""))["test"]["f1_macro"]
+                for s in (0, 1)]
+        assert r["values"] == runs and r["f1_macro"] == pytest.approx(np.mean(runs))
+        if r["rate"] == 0:
+            assert plotted["fig4"][name] == runs
+        rates, means, stds = plotted["fig5"][name]
+        assert means[rates.index(r["rate"])] == r["f1_macro"] and stds[rates.index(r["rate"])] == r["f1_macro_std"]
+    # a second grid into the same folder keeps the first one's summary
+    first = sorted((tmp_path / "o").glob("summary-*.json"))
+    ok(call("simulate_missing.py", *grid[:-8], "--rates", 0, "--seeds", 0, "--epochs", 1, "--out", tmp_path / "o"))
+    assert len(list((tmp_path / "o").glob("summary-*.json"))) == 2 and first[0].read_text() == json.dumps(
+        json.loads(first[0].read_text()), indent=1)
+    assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["rows"]) == 2
+    # --plot without matplotlib: one line naming the install, exit 2, the summary still written
+    (tmp_path / "o" / "summary.json").unlink()
+    saved = sys.modules.get("matplotlib")
+    sys.modules["matplotlib"] = None
+    try:
+        p = call("simulate_missing.py", *grid, "--plot")
+    finally:
+        sys.modules.pop("matplotlib")
+        if saved is not None:
+            sys.modules["matplotlib"] = saved
+    assert p.returncode == 2 and "pip install matplotlib" in p.stderr and (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_stale_runs_and_options_the_sweep_sets_are_refused(tmp_path):
+    grid = ["--methods", "b1", "--rates", 0, "--seeds", 0, "--out", tmp_path]
+    ok(call("simulate_missing.py", *grid, "--epochs", 1))
+    p = call("simulate_missing.py", *grid, "--epochs", 2)
+    assert p.returncode == 2 and "1 finished run(s)" in p.stderr and "--epochs 1 -> 2" in p.stderr
+    for option in (["--drop-rate", 0.4], ["--seed", 1], ["--gamma", 50], ["--gamma=50"]):
+        p = call("simulate_missing.py", *grid, *option)
+        assert p.returncode == 2 and "the sweep sets this itself" in p.stderr, option
+    # a method script never overwrites a finished run made with other settings; the same settings rerun
+    p = call("b1.py", "--out", tmp_path, "--epochs", 2, "--lr", 0.01)
+    assert p.returncode == 2 and "--epochs 1 -> 2" in p.stderr and "--lr 0.001 -> 0.01" in p.stderr and "epoch" not in p.stdout
+    ok(call("b1.py", "--out", tmp_path, "--epochs", 1, "--threads", 1, "--device", "cpu"))
+
+
+def test_gpu_check_arguments_and_the_learning_rate_check(tmp_path):
+    sh = lambda *a: subprocess.run(["bash", str(HERE / "benchmarks" / "gpu_check.sh"), *a], capture_output=True, text=True)
+    assert sh("--help").returncode == 0 and "8 minutes" in sh("--help").stdout
+    assert sh("--bogus").returncode == 2 and "unknown argument" in sh("--bogus").stderr
+    if not torch.cuda.is_available():
+        p = sh("--python", sys.executable)
+        assert p.returncode == 2 and "no CUDA device" in p.stderr
+    h5 = write_h5(tmp_path / "lr.h5")
+    ok(call("b1.py", "--dataset", h5, "--epochs", 62, "--out", tmp_path))
+    check = lambda: subprocess.run([sys.executable, str(HERE / "benchmarks" / "check_lr.py"), str(tmp_path / "lr__b1__seed0")],
+                                   capture_output=True, text=True)
+    p = ok(check())
+    assert "halved at epochs 31, 61" in p.stdout
+    path = tmp_path / "lr__b1__seed0" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["history"][40]["lr"] = m["history"][20]["lr"]        # a schedule that kept the first rate too long
+    path.write_text(json.dumps(m))
+    assert check().returncode == 1
+
+
+#####################################################################################
+#  Runs you can share and reuse
+#####################################################################################
+
+def test_drop_seed_changes_which_labels_not_how_many():
+    a, b = load("synthetic", drop_rate=0.4), load("synthetic", drop_rate=0.4, drop_seed=7)
+    assert a.train.observed.sum() == b.train.observed.sum() and not torch.equal(a.train.observed, b.train.observed)
+    args = Namespace(dataset="synthetic", level="fine", seed=3, drop_rate=0.4, drop_seed=7, out="r")
+    assert common.run_dir(args, "b1", {"openmic": {}}).name == "synthetic__b1__seed3__drop0.4__dropseed7"
+
+
+def test_predict_applies_a_trained_run_and_files_are_readable(tmp_path):
+    h5 = write_h5(tmp_path / "mine.h5")
+    ok(call("mean_teacher.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path))
+    folder = tmp_path / "mine__mean_teacher__seed0"
+    mode = 0o666 & ~common._UMASK
+    assert all((folder / f).stat().st_mode & 0o777 == mode for f in ("metrics.json", "model.pt", "test_predictions.npz"))
+    saved = np.load(folder / "test_predictions.npz")
+    p = ok(run("predict.py", folder, h5, "--out", tmp_path / "tags" / "tags.csv"))
+    assert "mean_teacher" in p.stdout and "teacher" in p.stdout
+    with open(tmp_path / "tags" / "tags.csv") as fh:
+        table = list(csv.reader(fh))
+    assert table[0] == ["clip"] + [f"tag{c}" for c in range(5)] and len(table) == 61
+    row = {r[0]: np.array(r[1:], float) for r in table[1:]}
+    assert np.allclose([row[k] for k in saved["keys"]], saved["scores"], atol=1e-6)
+    model, meta = common.load_run(folder)                       # the same from Python
+    X = load(h5).test.X
+    np.savez(tmp_path / "test.npz", X=X.numpy())
+    assert np.allclose(common.predict(model, X).numpy(), saved["scores"], atol=1e-6) and meta["primary"] == "teacher"
+    ok(call("predict.py", folder, tmp_path / "test.npz", "--out", tmp_path / "t.csv"))
+    with open(tmp_path / "t.csv") as fh:
+        assert np.allclose([list(map(float, r[1:])) for r in list(csv.reader(fh))[1:]], saved["scores"], atol=1e-6)
+    p = call("predict.py", tmp_path, h5, "--out", tmp_path / "x.csv")
+    assert p.returncode == 2 and "no model.pt" in p.stderr
+
+
+def test_diverging_run_stops_in_one_line_without_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "huge.h5", "w") as f:            # finite, but its batch variance overflows
+        f["X"] = (rng.choice([-1, 1], (60, 4, 16)) * 3e38).astype(np.float32)
+        f["Y"] = (rng.random((60, 5)) < 0.4).astype(np.float32)
+        f["observed"] = np.ones((60, 5), bool)
+        f["split"] = np.array([b"train"] * 30 + [b"val"] * 15 + [b"test"] * 15)
+        f.attrs["class_names"] = [f"t{i}" for i in range(5)]
+    err = bad(tmp_path, "--dataset", tmp_path / "huge.h5", expect=["diverged at epoch 1", "lower --lr"])
+    assert len(err.strip().splitlines()) == 1
+    history = [dict(epoch=1, train_loss=0.5, val_loss=0.6, lr=1e-3, seconds=1.0),
+               dict(epoch=2, train_loss=float("nan"), val_loss=0.6, lr=1e-3, seconds=1.0)]
+    with pytest.raises(common.UserError, match="epoch 2: .*0.5 at epoch 1"):
+        common.log_epoch(history, 10)
+
+
+def test_out_that_cannot_be_written_fails_before_training(tmp_path):
+    p = call("b1.py", "--out", "/proc/missing-labels-test")
+    assert p.returncode == 2 and "cannot write there" in p.stderr and "epoch" not in p.stdout

@@ -1,0 +1,79 @@
+"""Tag new clips with a trained run: one row of per-class probabilities per clip, as CSV.
+
+    python predict.py runs/synthetic__mean_teacher__seed0 new.h5 --out tags.csv
+
+RUN_DIR is a finished run's folder; its model.pt holds the reported network (for mean teacher,
+the EMA teacher; for label enhancement, the student), the class names and the input scaling.
+INPUT is an .h5 with a dataset X (N, T, D), or an .npz with X (N, T, D) or embedding (one
+clip, (T, D), as openl3 writes it, or (N, T, D)); optional keys (N,) name the clips. Give the
+embeddings as the run's data stored them (OpenMIC's 0..255 bytes, raw OpenL3 floats): the model
+applies the run's own scaling. From Python: model, meta = common.load_run(RUN_DIR).
+"""
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+
+def read_input(path):
+    """(X (N, T, D), keys or None) from an .npz (no pickle) or an .h5 file."""
+    if not path.is_file():
+        common.fail(f"no such file: {path}")
+    try:
+        if path.suffix in (".h5", ".hdf5"):
+            import h5py
+            with h5py.File(path, "r") as f:
+                if "X" not in f:
+                    common.fail(f"{path}: no dataset X (N, T, D); found {list(f)}")
+                X = f["X"][()]
+                keys = common._strings(f["keys"][()]) if "keys" in f else None
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                name = "X" if "X" in z.files else "embedding" if "embedding" in z.files else None
+                if name is None:
+                    common.fail(f"{path}: no array X or embedding; found {z.files}")
+                X = z[name]
+                X = X[None] if name == "embedding" and X.ndim == 2 else X   # one openl3 clip
+                keys = [str(k) for k in z["keys"]] if "keys" in z.files else None
+    except (OSError, ValueError, EOFError) as e:
+        common.fail(f"cannot read {path}: {e}")
+    X = common.compact(X, path)
+    if keys is not None and len(keys) != len(X):
+        common.fail(f"{path}: {len(keys)} keys for {len(X)} clips")
+    return X, keys
+
+
+def main():
+    p = argparse.ArgumentParser(description="Tag new clips with a trained run.", formatter_class=common.HelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a finished run's folder (it holds model.pt)")
+    p.add_argument("input", type=Path, help=".h5 with X, or .npz with X or embedding")
+    p.add_argument("--out", type=Path, default=Path("tags.csv"), help="CSV to write: clip, then one column per class")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    args = p.parse_args()
+    device = common.get_device(args.device)
+    model, meta = common.load_run(args.run_dir, device)
+    X, keys = read_input(args.input)
+    if X.shape[2] != model.config["n_features"]:
+        common.fail(f"{args.input}: {X.shape[2]} features per frame, but the run was trained on "
+                    f"{model.config['n_features']}")
+    scores = common.predict(model, torch.from_numpy(X).to(device)).cpu().numpy()   # (N, C)
+
+    def write(path):
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["clip"] + meta["class_names"])
+            for i, row in enumerate(scores):
+                w.writerow([keys[i] if keys else i] + [f"{v:.9g}" for v in row])
+    common.check_writable(args.out.parent)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    common._atomic(args.out, write)
+    print(f"wrote {args.out}: {len(scores)} clips x {scores.shape[1]} classes ({meta['method']}, "
+          f"network '{meta['primary']}')")
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
