@@ -189,6 +189,7 @@ def main():
     parser.add_argument("--plot", action="store_true", help="also write fig4.png and fig5.png (needs matplotlib)")
     parser.add_argument("--out", default="runs", help="folder for the runs and the summary files")
     args, extra = parser.parse_known_args()
+    args.methods = list(dict.fromkeys(args.methods))     # each method once
     taken = [t for t in extra if t.split("=")[0] in SET_BY_SWEEP + (("--device",) if args.devices else ())]
     if taken:
         common.fail(f"{' '.join(taken)}: the sweep sets this itself (use --rates, --seeds, --gammas, --drop-seed, "

@@ -830,35 +830,30 @@ def test_dataset_modules_stand_alone_and_imports_run_one_way():
 #  Sweeps: leave the process, plot, never table stale runs
 #####################################################################################
 
-def test_sweep_dry_run_then_collect_and_plot(tmp_path):
-    import simulate_missing
+def sweep_grid(tmp_path):
     h5 = write_h5(tmp_path / "mine.h5")
-    grid = ["--dataset", h5, "--methods", "b0", "b1", "--rates", 0, 0.5, "--seeds", 0, 1, "--epochs", 1, "--out", tmp_path / "o"]
+    return ["--dataset", h5, "--methods", "b0", "b1", "--rates", 0, 0.5, "--seeds", 0, 1, "--epochs", 1, "--out", tmp_path / "o"]
+
+
+def test_sweep_dry_run_then_collect(tmp_path):
+    grid = sweep_grid(tmp_path)
     p = ok(call("simulate_missing.py", *grid, "--dry-run"))
     commands = p.stdout.strip().splitlines()
     assert len(commands) == 8 and all(c.startswith("python b") for c in commands) and not (tmp_path / "o").exists()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     ok(subprocess.run(["bash", "-c", " && ".join(commands)], capture_output=True, text=True, cwd=HERE, env=env))
-    p = ok(call("simulate_missing.py", *grid, "--plot"))
+    p = ok(call("simulate_missing.py", *grid))
     assert "8 runs, 8 already finished, 0 to do" in p.stdout and "| f1_macro | drop 0 | drop 0.5 |" in p.stdout
-    for fig in ("fig4.png", "fig5.png"):
-        assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    plotted = simulate_missing.plot(summary, tmp_path)
     for r in summary["rows"]:
-        name = r["method"]
-        runs = [metrics_of(tmp_path / "o", f"mine__{name}__seed{s}" + ("__drop0.5" if r["rate"] else ""))["test"]["f1_macro"]
+        runs = [metrics_of(tmp_path / "o", f"mine__{r['method']}__seed{s}" + ("__drop0.5" if r["rate"] else ""))["test"]["f1_macro"]
                 for s in (0, 1)]
         assert r["values"] == runs and r["f1_macro"] == pytest.approx(np.mean(runs))
-        if r["rate"] == 0:
-            assert plotted["fig4"][name] == runs
-        rates, means, stds = plotted["fig5"][name]
-        assert means[rates.index(r["rate"])] == r["f1_macro"] and stds[rates.index(r["rate"])] == r["f1_macro_std"]
     # a second grid into the same folder keeps the first one's summary
     first = sorted((tmp_path / "o").glob("summary-*.json"))
+    before = first[0].read_text()
     ok(call("simulate_missing.py", *grid[:-8], "--rates", 0, "--seeds", 0, "--epochs", 1, "--out", tmp_path / "o"))
-    assert len(list((tmp_path / "o").glob("summary-*.json"))) == 2 and first[0].read_text() == json.dumps(
-        json.loads(first[0].read_text()), indent=1)
+    assert len(list((tmp_path / "o").glob("summary-*.json"))) == 2 and first[0].read_text() == before
     assert len(json.loads((tmp_path / "o" / "summary.json").read_text())["rows"]) == 2
     # --plot without matplotlib: one line naming the install, exit 2, the summary still written
     (tmp_path / "o" / "summary.json").unlink()
@@ -871,6 +866,24 @@ def test_sweep_dry_run_then_collect_and_plot(tmp_path):
         if saved is not None:
             sys.modules["matplotlib"] = saved
     assert p.returncode == 2 and "pip install matplotlib" in p.stderr and (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_sweep_plots_fig4_and_fig5_from_its_summary(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional; .ci/run installs it so this runs in CI")
+    import simulate_missing
+    grid = sweep_grid(tmp_path)
+    grid.remove("b0")                              # one method, two rates, two seeds: 4 runs, 2 at a time
+    ok(call("simulate_missing.py", *grid, "--jobs", 2, "--plot"))
+    for fig in ("fig4.png", "fig5.png"):
+        assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    plotted = simulate_missing.plot(summary, tmp_path)
+    for r in summary["rows"]:
+        if r["rate"] == 0:
+            assert plotted["fig4"][r["method"]] == r["values"]
+        rates, means, stds = plotted["fig5"][r["method"]]
+        assert means[rates.index(r["rate"])] == r["f1_macro"] and stds[rates.index(r["rate"])] == r["f1_macro_std"]
+    assert list(plotted["fig4"]) == ["b1"] and len(plotted["fig4"]["b1"]) == 2 and plotted["fig5"]["b1"][0] == [0, 0.5]
 
 
 def test_stale_runs_and_options_the_sweep_sets_are_refused(tmp_path):
