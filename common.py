@@ -83,7 +83,8 @@ def float_in(lo, hi, hi_open=False):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" unless the help names its default itself."""
     def _get_help_string(self, action):
-        return action.help if action.default is None or "default:" in action.help else super()._get_help_string(action)
+        plain = action.default is None or action.default is False or "default:" in action.help  # flags, self-described
+        return action.help if plain else super()._get_help_string(action)
 
 
 def make_parser(description, table):
