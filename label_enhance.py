@@ -168,5 +168,6 @@ def main():
     common.save_run(folder, record, {"student": student_state, "stage1_teacher": teacher_state}, "student",
                     student, scores, data)
 
+
 if __name__ == "__main__":
     common.main_guard(main)

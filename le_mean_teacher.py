@@ -162,5 +162,6 @@ def main():
     common.save_run(folder, record, {"teacher": teacher.state_dict(), "student": student.state_dict(),
                                      "stage1_teacher": teacher1.state_dict()}, "teacher", teacher, scores, data)
 
+
 if __name__ == "__main__":
     common.main_guard(main)

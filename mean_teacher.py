@@ -146,5 +146,6 @@ def main():
     common.save_run(folder, record, {"teacher": best["teacher"][2], "student": best["student"][2]}, "teacher",
                     model, scores, data)
 
+
 if __name__ == "__main__":
     common.main_guard(main)
