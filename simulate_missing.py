@@ -190,9 +190,11 @@ def main():
     parser.add_argument("--out", default="runs", help="folder for the runs and the summary files")
     args, extra = parser.parse_known_args()
     args.methods = list(dict.fromkeys(args.methods))     # each method once
-    taken = [t for t in extra if t.split("=")[0] in SET_BY_SWEEP + (("--device",) if args.devices else ())]
+    controlled = SET_BY_SWEEP + (("--device",) if args.devices else ())
+    taken = [t + ("" if "=" in t or i + 1 == len(extra) or extra[i + 1].startswith("-") else f" {extra[i + 1]}")
+             for i, t in enumerate(extra) if t.split("=")[0] in controlled]
     if taken:
-        common.fail(f"{' '.join(taken)}: the sweep sets this itself (use --rates, --seeds, --gammas, --drop-seed, "
+        common.fail(f"{', '.join(taken)}: the sweep sets this itself (use --rates, --seeds, --gammas, --drop-seed, "
                     f"--devices, or run the method script directly)")
 
     runs = plan(args, extra)

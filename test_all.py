@@ -888,7 +888,10 @@ def test_sweep_plots_fig4_and_fig5_from_its_summary(tmp_path):
 
 def test_stale_runs_and_options_the_sweep_sets_are_refused(tmp_path):
     grid = ["--methods", "b1", "--rates", 0, "--seeds", 0, "--out", tmp_path]
-    ok(call("simulate_missing.py", *grid, "--epochs", 1))
+    p = ok(call("simulate_missing.py", *grid, "--epochs", 1, "--devices", "cpu"))   # each run pinned to a device
+    assert "synthetic__b1__seed0 on cpu" in p.stdout
+    p = call("simulate_missing.py", *grid, "--epochs", 1, "--devices", "cpu", "--device", "cpu")
+    assert p.returncode == 2 and "--device cpu: the sweep sets this itself" in p.stderr
     p = call("simulate_missing.py", *grid, "--epochs", 2)
     assert p.returncode == 2 and "1 finished run(s)" in p.stderr and "--epochs 1 -> 2" in p.stderr
     for option in (["--drop-rate", 0.4], ["--seed", 1], ["--gamma", 50], ["--gamma=50"]):
