@@ -139,11 +139,13 @@ def plot(summary, out):
     key, rows = summary["headline"], summary["rows"]
     first = min(r["rate"] for r in rows)
     fig4 = {label(r["method"], r["gamma"]): [v for v in r["values"] if v is not None] for r in rows if r["rate"] == first}
-    fig, ax = plt.subplots(figsize=(1.6 * len(fig4) + 2, 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(fig4) + 2), 4))
     ax.boxplot(list(fig4.values()))
+    for i, values in enumerate(fig4.values(), start=1):      # every seed as a dot, too
+        ax.plot([i] * len(values), values, ".", color="gray", alpha=0.7)
     ax.set_xticks(range(1, len(fig4) + 1), list(fig4), rotation=20, ha="right")
     ax.set_ylabel(key)
-    ax.set_title(f"{summary['dataset']}: {key} over seeds, drop rate {first:g} (paper Fig. 4)")
+    ax.set_title(f"{summary['dataset']}: {key} over seeds, drop rate {first:g} (paper Fig. 4)", fontsize=10)
     fig.tight_layout()
     fig.savefig(Path(out) / "fig4.png", dpi=120)
     plt.close(fig)
@@ -156,7 +158,7 @@ def plot(summary, out):
         ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=name)
     ax.set_xlabel("share of observed training labels removed")
     ax.set_ylabel(f"{key} (mean ± std over seeds)")
-    ax.set_title(f"{summary['dataset']}: robustness to missing labels (paper Fig. 5)")
+    ax.set_title(f"{summary['dataset']}: robustness to missing labels (paper Fig. 5)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(Path(out) / "fig5.png", dpi=120)
