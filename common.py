@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import platform
 import random
 import sys
@@ -286,8 +285,8 @@ def load_dataset(args, device):
         arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
 
     source = info.pop("source", args.dataset)
-    for a in arrays.values():   # uint8 and float16 stay so, anything else becomes float32
-        a["X"] = compact(a["X"], source)
+    for a in arrays.values() if not args.dataset.endswith((".h5", ".hdf5")) else ():  # load_h5 compacts its blocks
+        a["X"] = compact(a["X"], source)   # uint8 and float16 stay so, anything else becomes float32
 
     def to_split(a):
         t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # no copy of X on CPU
@@ -628,8 +627,8 @@ def load_run(folder, device="cpu"):
         model.load_state_dict(bundle["networks"][bundle["primary"]])
     except FileNotFoundError:
         fail(f"no model.pt in {folder}: not a finished run")
-    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
-        fail(f"cannot load {path} (a run written by this version of missing-labels?): {str(e).splitlines()[0]}")
+    except Exception as e:  # a corrupt or foreign file fails in many ways; weights_only=True runs nothing
+        fail(f"cannot load {path} (a run written by this version of missing-labels?): {(str(e) or type(e).__name__).splitlines()[0]}")
     return model.eval(), {k: v for k, v in bundle.items() if k != "networks"}
 
 

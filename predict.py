@@ -11,6 +11,7 @@ applies the run's own scaling. From Python: model, meta = common.load_run(RUN_DI
 """
 import argparse
 import csv
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,10 @@ def read_input(path):
     """(X (N, T, D), keys or None) from an .npz (no pickle) or an .h5 file."""
     if not path.is_file():
         common.fail(f"no such file: {path}")
+    if path.suffix not in (".h5", ".hdf5", ".npz"):
+        common.fail(f"{path}: expected an .h5 or .npz file")
+    if path.suffix == ".npz" and not zipfile.is_zipfile(path):
+        common.fail(f"cannot read {path}: not an .npz (zip) archive; truncated or not written by numpy.savez?")
     try:
         if path.suffix in (".h5", ".hdf5"):
             import h5py
@@ -39,7 +44,7 @@ def read_input(path):
                 X = z[name]
                 X = X[None] if name == "embedding" and X.ndim == 2 else X   # one openl3 clip
                 keys = [str(k) for k in z["keys"]] if "keys" in z.files else None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         common.fail(f"cannot read {path}: {e}")
     X = common.compact(X, path)
     if keys is not None and len(keys) != len(X):

@@ -957,6 +957,23 @@ def test_predict_applies_a_trained_run_and_files_are_readable(tmp_path):
         assert np.allclose([list(map(float, r[1:])) for r in list(csv.reader(fh))[1:]], saved["scores"], atol=1e-6)
     p = call("predict.py", tmp_path, h5, "--out", tmp_path / "x.csv")
     assert p.returncode == 2 and "no model.pt" in p.stderr
+    # hostile inputs: one line, exit 2, no traceback
+    good = (tmp_path / "test.npz").read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(good[:len(good) // 2])
+    (tmp_path / "raw.h5").write_bytes(os.urandom(500))
+    np.savez(tmp_path / "obj.npz", X=np.zeros((2, 4, 16)), keys=np.array([{"a": 1}] * 2, dtype=object))
+    for bad_input, words in (("trunc.npz", "not an .npz"), ("raw.h5", "cannot read"), ("obj.npz", "allow_pickle"),
+                             ("metrics.json", "expected an .h5 or .npz")):
+        p = call("predict.py", folder, tmp_path / bad_input if bad_input != "metrics.json" else folder / bad_input,
+                 "--out", tmp_path / "x.csv")
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (bad_input, p.stderr)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.pt").write_bytes(os.urandom(300))
+    p = call("predict.py", broken, h5, "--out", tmp_path / "x.csv")
+    assert p.returncode == 2 and "cannot load" in p.stderr
+    (tmp_path / "raw_data.h5").write_bytes(os.urandom(500))
+    bad(tmp_path, "--dataset", tmp_path / "raw_data.h5", expect=["cannot read", "raw_data.h5"])
 
 
 def test_diverging_run_stops_in_one_line_without_metrics(tmp_path):
