@@ -6,10 +6,11 @@ Only the observed labels teach the model. With M the observed-label mask (1 = kn
 
     python b1.py --dataset openmic --seed 0
 
-Reads top to bottom: setup, model, the training step (the method), the epoch loop with
-model selection on the validation loss over observed labels, the test. Everything outside
-"ALGO LOGIC" is the same in b0.py and b1.py; the two-network scripts add their second network.
+Reads top to bottom: options, setup, model and optimizer, the training step (the method), the epoch
+loop with model selection on the validation loss over observed labels, the test. Outside "ALGO LOGIC"
+b0.py and b1.py are the same; the two-network scripts add their second network.
 """
+import argparse
 import time
 
 import torch
@@ -24,15 +25,26 @@ TABLE_I = {
 }
 
 
-def get_args(argv=None):
-    parser = common.make_parser("B1: masked binary cross-entropy over the observed labels.", TABLE_I)
-    return common.parse_args(parser, TABLE_I, argv)
+def get_parser():
+    p = argparse.ArgumentParser(description="B1: masked binary cross-entropy over the observed labels.",
+                                allow_abbrev=False)
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
+    p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
+    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
+                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument("--layers", type=common.positive_int,
+                   help=f"hidden layers L ({common.table_default(TABLE_I, 'layers')})")
+    p.add_argument("--hidden", type=common.positive_int,
+                   help=f"hidden width H ({common.table_default(TABLE_I, 'hidden')})")
+    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
+                   help=f"dropout ({common.table_default(TABLE_I, 'dropout')})")
+    return common.add_run_args(p)
 
 
 def main():
-    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
-    args = get_args()
-    folder = common.claim_run_dir(args, "b1", TABLE_I)  # refuses a finished run made with other settings
+    # TRY NOT TO MODIFY: options, run folder, seeding, device, data
+    args = common.parse_args(get_parser(), TABLE_I)
+    folder = common.claim_run_dir(args, "b1")  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
     device = common.get_device(args.device, args.threads)
@@ -40,60 +52,59 @@ def main():
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
-    # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
+    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
                                 input_offset=data.input_offset, input_scale=data.input_scale).to(device)
-    opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
     # ALGO LOGIC: one training step of B1
     def train_step(x, y, observed):            # x (B, T, D); y, observed (B, C)
         p = model(x)                            # (B, C) probabilities
         bce = F.binary_cross_entropy(p, y, reduction="none")
-        # masked mean over the observed labels; a batch with none gives 0, not NaN
-        loss = (bce * observed).sum() / observed.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
+        loss = (bce * observed).sum() / observed.sum().clamp(min=1)  # masked mean; a batch with none gives 0
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         return loss.detach()
 
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm; the last partial batch is dropped
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
+    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-                            device, args.fast, state=[model, opt])
-    history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-    with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.time()
-            model.train()
-            perm = torch.randperm(len(train.X), device=device)
-            total = torch.zeros((), device=device)
-            for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
-                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-            lr = opt.param_groups[0]["lr"]
-            scheduler.step()
+    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast,
+                            state=[model, optimizer])
+    history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch:(i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+        scheduler.step()
 
-            # model selection: the validation BCE over observed labels
-            p = common.predict(model, val.X)
-            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-            val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-            train_loss = (total / n_batches).item()  # the epoch's one host sync
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=float(lr),
-                                seconds=time.time() - t0))
-            common.log_epoch(history, args.epochs)
+        # model selection: the validation BCE over observed labels
+        p = common.predict(model, val.X)
+        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+        train_loss = (total / n_batches).item()  # host syncs: once an epoch
+        if val_loss < best_val_loss:
+            best_val_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
+        print(f"epoch {epoch:3d}/{args.epochs} | train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
+              f"{history[-1]['seconds']:.2f}s", flush=True)
 
     # TRY NOT TO MODIFY: test the selected model, write the run
     model.load_state_dict(best_state)
     scores = common.predict(model, data.test.X)
     test = common.evaluate(scores, data.test, data)
-    print(f"best epoch {best_epoch} | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
+    print(f"best epoch {best_epoch} | test {common.headline(test)}", flush=True)
     record = common.run_record(args, device, started, method="b1", history=history, best_epoch=best_epoch,
-                               best_val_loss=best_loss, test=test)
+                               best_val_loss=best_val_loss, test=test)
     common.save_run(folder, record, {"model": best_state}, "model", model, scores, data)
 
 

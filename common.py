@@ -1,18 +1,13 @@
-"""Shared infrastructure for the method scripts: data, model, metrics and plumbing.
+"""Shared infrastructure of the method scripts: command line and run setup, data, model, metrics, results.
 
-It holds no loss and no training step: every method script keeps its whole method inline,
-so that reading one script teaches one method. Here is what every method needs the same way:
-
-    #####  Command line and run setup   (seeding, device, run folders, errors)
-    #####  Data                          (synthetic, your own .h5; OpenMIC-2018 and SONYC-UST in their own modules)
-    #####  Model                         (the attention-pooling MIL network of the paper)
-    #####  Metrics                       (paper F1, the paper's masked AUPRC; DCASE in sonyc.py)
-    #####  Results                       (atomic writes of metrics.json, model.pt, predictions)
-    #####  Fast path                     (optional CUDA graph capture of a training step)
+No loss and no training step live here: each method script holds its whole method. This file plus any
+one method script runs on its own, on the synthetic data and on your own .h5 file; openmic.py, sonyc.py
+and fastpath.py (--fast) are imported only when a run asks for them, and a missing one is named.
 """
 import argparse
-import contextlib
+import importlib
 import json
+import math
 import os
 import platform
 import random
@@ -29,11 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import openmic
-import sonyc
-import synthetic
-from fastpath import fast_step  # noqa: F401  (the --fast CUDA graph; the scripts call common.fast_step)
-
 
 class UserError(Exception):
     """Bad input from the user: reported in one line, exit status 2, no traceback."""
@@ -47,80 +37,97 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-#####################################################################################
-#  Command line and run setup
-#####################################################################################
+def show(value, width=60):  # a user's value in a message, cut to `width` characters
+    return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
+
+
+def main_guard(main):
+    """Run main(); user errors become one line and exit status 2, Ctrl-C exit status 130."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+    except KeyboardInterrupt:
+        sys.exit(print("interrupted: no metrics.json was written for this run", file=sys.stderr) or 130)
+
+
+def optional_module(name, needed_for):
+    """openmic, sonyc or fastpath, imported on first use; when the file was not copied, say which."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        fail(f"{needed_for} needs {name}.py beside common.py; copy it from the missing-labels repository")
+
+
+#####  Command line and run setup  #################################################################
 
 DATASETS = ("synthetic", "openmic", "sonyc")
 DROP_SEED = 1234        # --drop-rate's own seed: every method and training seed sees the same reduced labels
-# Options that cannot change a run's result: left out when a finished run is compared with a request.
-NOT_IDENTITY = ("out", "device", "threads", "fast")
+NOT_IDENTITY = ("out", "device", "threads", "fast", "data_dir")  # cannot change a result: not in a run's name
 
 
-def _dataset_arg(value):
+def dataset_arg(value):
     if value in DATASETS or value.endswith((".h5", ".hdf5")):
         return value
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(DATASETS)} or a path to an .h5 file, got {value!r}")
 
 
 def positive_int(value):
-    v = int(value)
-    if v < 1:
+    if int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return v
+    return int(value)
 
 
 def float_in(lo, hi, hi_open=False):
-    def check(value):
-        v = float(value)
-        if not (lo <= v < hi if hi_open else lo <= v <= hi):
+    def number(value):
+        if not (lo <= float(value) < hi if hi_open else lo <= float(value) <= hi):
             raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
-        return v
-    return check
+        return float(value)
+    number.__name__ = "float"   # argparse's message: "invalid float value: 'abc'"
+    return number
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" unless the help names its default itself."""
-    def _get_help_string(self, action):
-        plain = action.default is None or action.default is False or "default:" in action.help  # flags, self-described
-        return action.help if plain else super()._get_help_string(action)
+def table_default(table, key):  # 'default: Table I, openmic 3, sonyc 1'
+    return "default: Table I, " + ", ".join(f"{d} {row[key]:g}" for d, row in table.items())
 
 
-def make_parser(description, table):
-    """The command line shared by every method script. `table` is the script's Table I:
-    None-valued options take their default from it, per dataset."""
-    tdef = lambda key: ", ".join(f"{d} {row[key]}" for d, row in table.items())  # noqa: E731
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--dataset", type=_dataset_arg, default="synthetic",
-                   help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file")
-    p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/")
-    p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level")
-    p.add_argument("--seed", type=int, default=0, help="training seed (the data split never depends on it)")
-    p.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="input batch size")
-    p.add_argument("--lr", type=float_in(1e-12, 10), default=1e-3,
-                   help="Adam learning rate, halved every 30 epochs (the paper's run scripts: 5e-4 for OpenMIC B0/B1 and SONYC MT)")
-    p.add_argument("--layers", type=positive_int, default=None, help=f"hidden layers L (default: Table I, {tdef('layers')})")
-    p.add_argument("--hidden", type=positive_int, default=None, help=f"hidden width H (default: Table I, {tdef('hidden')})")
-    p.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=None,
-                   help=f"dropout (default: Table I, {tdef('dropout')}; the paper's run scripts: OpenMIC LE 0.3, MT 0.8)")
+def add_run_args(parser):
+    """The options every method script shares: which data, which seed, where to run and where to write."""
+    p = parser
+    p.add_argument("--dataset", type=dataset_arg, default="synthetic", help="synthetic (embedded, no download), "
+                   "openmic, sonyc, or a path to your own .h5 file (default: synthetic)")
+    p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/ (default: data)")
+    p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
+    p.add_argument("--seed", type=int, default=0, help="training seed; the data split never depends on it (default: 0)")
     p.add_argument("--drop-rate", type=float_in(0, 1, hi_open=True), default=0.0,
-                   help="share of the observed training labels to remove (the paper's Fig. 5)")
-    p.add_argument("--drop-seed", type=int, default=DROP_SEED, help="seed of which labels --drop-rate removes")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=positive_int, default=None,
+                   help="share of the observed training labels to remove, the paper's Fig. 5 (default: 0)")
+    p.add_argument("--drop-seed", type=int, default=DROP_SEED,
+                   help=f"seed of which labels --drop-rate removes (default: {DROP_SEED})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's own choice; 1 on a busy shared machine)")
     p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (CUDA only)")
-    p.add_argument("--out", default="runs", help="folder for run outputs")
-    return p
+    p.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
+    return parser
+
+
+class RunArgs(argparse.Namespace):
+    __slots__ = ("defaults",)  # every option's default for this dataset: a slot, so not in vars(args)
 
 
 def parse_args(parser, table, argv=None):
-    args = parser.parse_args(argv)
-    row = table["sonyc" if args.dataset == "sonyc" else "openmic"]  # synthetic and .h5 use the OpenMIC row
+    """Parse, then fill the options left at None from the dataset's row of Table I (synthetic data and
+    .h5 files use the OpenMIC row). A .h5 path is made absolute: the run is the same from any folder."""
+    args = parser.parse_args(argv, namespace=RunArgs())
+    row = table["sonyc" if args.dataset == "sonyc" else "openmic"]
+    args.defaults = {a.dest: row.get(a.dest, a.default) for a in parser._actions}
     for key, value in row.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.dataset not in DATASETS:
+        args.dataset = str(Path(args.dataset).absolute())
     return args
 
 
@@ -132,122 +139,91 @@ def seed_everything(seed):
     torch.backends.cudnn.benchmark = False
 
 
-def get_device(name=None, threads=None):
-    """The device by name (default: cuda if available), and torch's CPU thread count."""
+def get_device(name=None, threads=None, use=True):
+    """The device by name (default: cuda if available), checked before any data is read; torch's CPU threads.
+    A CUDA device becomes the current one: --fast's graph, streams and RNG all live there."""
     if threads:
         torch.set_num_threads(threads)
+        if threads > (os.cpu_count() or 1):
+            warn(f"--threads {threads} is more than this machine's {os.cpu_count()} cores: slower, not faster")
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        count = dict(cpu=1, cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()))
+        if (device.index or 0) >= count.get(device.type, 0):
+            raise RuntimeError(f"this machine has {count.get(device.type, 0)} {device.type} device(s) for torch "
+                               f"{torch.__version__}")
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and use:
+        torch.cuda.set_device(device)
     return device
 
 
-def run_dir(args, method, table):
-    """{out}/{dataset}__{method}__seed{seed}, plus the sweep's other axes where they are not the
-    default: __drop{r}, __dropseed{s}, __gamma{g}, and LE's __teacher-observed."""
-    name = Path(args.dataset).stem if args.dataset.endswith((".h5", ".hdf5")) else (
-        "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset)
+def run_name(args, method):
+    """{dataset}__{method}__seed{seed}, then each option that differs from its default and can change the
+    result (__drop0.4, __lr0.005, __gamma50, __teacher-observed, __epochs20, ...): settings never share a folder."""
+    name = Path(args.dataset).stem if args.dataset not in DATASETS else \
+        "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset
     name += f"__{method}__seed{args.seed}"
-    if args.drop_rate > 0:
-        name += f"__drop{args.drop_rate:g}" + (f"__dropseed{args.drop_seed}" if args.drop_seed != DROP_SEED else "")
-    gamma = table["sonyc" if args.dataset == "sonyc" else "openmic"].get("gamma")
-    if getattr(args, "gamma", None) is not None and args.gamma != gamma:
-        name += f"__gamma{args.gamma:g}"
-    if getattr(args, "teacher_selection", "b0") != "b0":
-        name += f"__teacher-{args.teacher_selection}"
-    return Path(args.out) / name
+    short = dict(drop_rate="drop", drop_seed="dropseed", teacher_selection="teacher-")
+    for key in ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]:
+        value = getattr(args, key)
+        if key in NOT_IDENTITY + ("dataset", "level", "seed") or value == args.defaults.get(key) or \
+                (key == "drop_seed" and args.drop_rate == 0):
+            continue
+        name += f"__{short.get(key, key.replace('_', '-'))}{f'{value:g}' if isinstance(value, (int, float)) else value}"
+    return name
 
 
 def config_diff(recorded, requested):
     """What differs between two runs' arguments, ignoring NOT_IDENTITY; '' when they match."""
-    a, b = (json.loads(json.dumps(_jsonable(dict(c)))) for c in (recorded, requested))
+    a, b = (json.loads(json.dumps(jsonable(dict(c)))) for c in (recorded, requested))
     keys = sorted((set(a) | set(b)) - set(NOT_IDENTITY))
     return ", ".join(f"--{k.replace('_', '-')} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
                      for k in keys if a.get(k, "(unset)") != b.get(k, "(unset)"))
 
 
-def check_writable(out):
-    """Fail before any training if `out` cannot be created and written: a file is made and removed
-    in its nearest existing folder (a permission check alone would pass /proc/x)."""
+def check_writable(out, what="--out"):
+    """Fail before any training unless a file can be made in `out`'s nearest existing folder."""
     p = Path(out).absolute()
     while not p.exists():
         p = p.parent
     try:
-        if not p.is_dir():
-            raise OSError(f"{p} is not a folder")
-        with tempfile.TemporaryFile(dir=p):
-            pass
+        tempfile.TemporaryFile(dir=p).close()
     except OSError as e:
-        fail(f"--out {out}: cannot write there ({e})")
+        fail(f"{what} {out}: cannot write there ({e})")
 
 
-def claim_run_dir(args, method, table):
-    """The run's folder, checked before any training: its place can be written, and it holds no
-    finished run made with other settings (refused, naming them; the same settings are rerun)."""
-    folder = run_dir(args, method, table)
+def claim_run_dir(args, method):
+    """The run's folder, checked before any training: its place can be written, and a finished run
+    already there is replaced only when it was made with the same settings (said so); otherwise refused."""
+    folder = Path(args.out) / run_name(args, method)
     check_writable(args.out)
     if (folder / "metrics.json").is_file():
-        diff = config_diff(read_json(folder / "metrics.json").get("args", {}), vars(args))
+        try:
+            diff = config_diff(json.loads((folder / "metrics.json").read_text()).get("args", {}), vars(args))
+        except (OSError, ValueError, AttributeError) as e:
+            diff = f"unreadable: {e}"
         if diff:
             fail(f"{folder} holds a finished run made with other settings ({diff}); "
                  f"use another --out, or delete that folder to replace it")
+        print(f"note: {folder} holds a finished run with these settings; this run replaces it when it ends", flush=True)
     return folder
 
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        fail(f"cannot read {path}: {e}")
+def fast_step(step, example_batch, device, enabled, state=()):
+    """`step` itself, or with --fast on CUDA a replay of it captured in a CUDA graph (fastpath.py)."""
+    if not enabled:
+        return step
+    if device.type != "cuda":
+        print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
+        return step
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        fail(f"--fast needs torch >= 2.4 (its schedulers update a tensor learning rate); this is {torch.__version__}")
+    return optional_module("fastpath", "--fast").capture(step, example_batch, device, state)
 
 
-def main_guard(main):
-    """Run main(); user errors become one line and exit status 2, Ctrl-C exit status 130."""
-    try:
-        main()
-    except (UserError, openmic.OpenMICError, sonyc.SonycError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no metrics.json was written for this run", file=sys.stderr)
-        sys.exit(130)
-
-
-def _diverged(epoch, history):
-    last = next(((e["epoch"], e["train_loss"]) for e in reversed(history) if np.isfinite(e["train_loss"])), None)
-    fail(f"training diverged at epoch {epoch}: the loss is not finite (last finite training loss: "
-         f"{f'{last[1]:.4g} at epoch {last[0]}' if last else 'none'}); try a lower --lr, or check the scale of the inputs")
-
-
-def log_epoch(history, epochs, prefix=""):
-    """One line for the epoch just appended to `history`; a non-finite loss stops the run (exit 2)."""
-    e = history[-1]
-    if not all(np.isfinite(v) for k, v in e.items() if "loss" in k):
-        _diverged(e["epoch"], history[:-1])
-    detail = any(k.startswith("val_loss_") for k in e)       # then val_loss repeats one of them
-    parts = " ".join(f"{prefix if k == 'train_loss' else ''}{k} {v:.4f}" for k, v in e.items()
-                     if k not in ("epoch", "lr", "seconds") and not (detail and k == "val_loss"))
-    print(f"epoch {e['epoch']:3d}/{epochs} | {parts} | {e['seconds']:.2f}s", flush=True)
-
-
-@contextlib.contextmanager
-def stop_on_divergence(history):
-    """Around the epoch loop: NaN probabilities make the BCE kernels raise (a device assert on
-    CUDA); report that as a diverged run in one line, exit 2, no metrics.json."""
-    try:
-        yield
-    except RuntimeError as e:
-        if "between 0 and 1" not in str(e) and "device-side assert" not in str(e):
-            raise
-        _diverged(len(history) + 1, history)
-
-
-#####################################################################################
-#  Data
-#####################################################################################
+#####  Data  #######################################################################################
 
 @dataclass
 class Split:
@@ -255,7 +231,7 @@ class Split:
     Y: torch.Tensor            # (N, C) float32 in {0, 1}; 0 where the label is missing
     observed: torch.Tensor     # (N, C) bool: True where the label is known
     keys: list = None          # clip names, where the dataset has them
-    Y_full: torch.Tensor = None  # synthetic only: every label, missing ones included
+    Y_full: torch.Tensor = None  # every label, missing ones included: synthetic data (or an .h5 with Y_full)
     extra: dict = field(default_factory=dict)  # SONYC: truth for the official metric
 
 
@@ -272,43 +248,69 @@ class Data:
 
 
 def load_dataset(args, device):
-    """Returns a Data with train / val / test on `device`, chosen by args.dataset."""
+    """A Data with train / val / test on `device`, chosen by args.dataset."""
     if args.dataset == "synthetic":
-        arrays, names, info = synthetic.make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
-    elif args.dataset == "openmic":
-        arrays, names, info = openmic.load_openmic(Path(args.data_dir) / "openmic-2018")
-    elif args.dataset == "sonyc":
-        arrays, names, info = sonyc.load_sonyc(Path(args.data_dir) / "sonyc-ust", args.level, write_atomic=_atomic)
+        arrays, names, info = make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
+    elif args.dataset in ("openmic", "sonyc"):
+        module = optional_module(args.dataset, f"--dataset {args.dataset}")
+        try:  # openmic.load reads data_dir/openmic-2018/, sonyc.load data_dir/sonyc-ust/
+            arrays, names, info = module.load(Path(args.data_dir), level=args.level, write_atomic=write_atomic)
+        except module.DataError as e:
+            fail(str(e))
     else:
         arrays, names, info = load_h5(Path(args.dataset))
     if args.drop_rate > 0:
         arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
 
-    source = info.pop("source", args.dataset)
-    for a in arrays.values() if not args.dataset.endswith((".h5", ".hdf5")) else ():  # load_h5 compacts its blocks
-        a["X"] = compact(a["X"], source)   # uint8 and float16 stay so, anything else becomes float32
+    for a in arrays.values() if args.dataset in DATASETS else ():  # load_h5 compacts its blocks itself
+        a["X"] = compact(a["X"], info.get("source", args.dataset))  # uint8, float16 stay so; others float32
 
     def to_split(a):
-        t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # no copy of X on CPU
+        t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # noqa: E731
         obs = t(a["observed"], torch.bool)
         return Split(X=torch.from_numpy(np.ascontiguousarray(a["X"])).to(device), Y=t(a["Y"], torch.float32) * obs,
                      observed=obs, keys=a.get("keys"), extra=a.get("extra", {}),
-                     Y_full=t(a["Y_full"], torch.float32) if "Y_full" in a else None)
+                     Y_full=t(a["Y_full"], torch.float32) if a.get("Y_full") is not None else None)
 
     splits = {s: to_split(arrays[s]) for s in ("train", "val", "test")}
     scored = np.ones(len(names), bool)
     for s, sp in splits.items():
         empty = ~sp.observed.any(0).cpu().numpy()
+        scored &= ~empty
         if empty.any():
-            bad = [names[c] for c in np.flatnonzero(empty)]
-            warn(f"no observed {s} label for class(es) {bad}: their metrics are NaN and left out of the means")
-            scored &= ~empty
+            warn(f"no observed {s} label for class(es) {show([names[c] for c in np.flatnonzero(empty)], 120)}: "
+                 f"their metrics are NaN, left out of the means")
     tr = splits["train"]
     print(f"data: {args.dataset} | train {len(tr.X)} val {len(splits['val'].X)} test {len(splits['test'].X)} clips"
-          f" | {tuple(tr.X.shape[1:])} frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes"
-          f" | {tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
+          f" | {tuple(tr.X.shape[1:])} frames x features, {str(tr.X.dtype).removeprefix('torch.')}"
+          f" | {len(names)} classes | {tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
     return Data(splits["train"], splits["val"], splits["test"], list(names), scored,
                 info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
+
+
+def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018,
+                   strength=(1.5, 4.0)):
+    """OpenMIC-shaped partially labelled data whose complete truth is known (Y_full). Each class has a
+    direction in feature space, added with a random strength to a run of 2-6 frames over Gaussian noise;
+    classes come in pairs of correlated directions. About 10% of labels are observed, positives about four
+    times as often as negatives (as in OpenMIC's annotation). Fixed by its own seed, never by --seed."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val + n_test
+    prior = rng.uniform(0.05, 0.25, n_classes)
+    base = rng.standard_normal((n_classes // 2, features))
+    protos = 0.7 * np.repeat(base, 2, axis=0) + 0.7 * rng.standard_normal((n_classes, features))
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    Y = rng.random((n, n_classes)) < prior                                      # (N, C)
+    length = rng.integers(2, 7, (n, n_classes))
+    start = rng.integers(0, frames - length + 1)
+    t = np.arange(frames)
+    active = Y[:, :, None] & (t >= start[:, :, None]) & (t < (start + length)[:, :, None])  # (N, C, T)
+    strength = rng.uniform(*strength, (n, n_classes)).astype(np.float32)
+    X = rng.standard_normal((n, frames, features)).astype(np.float32)
+    X += np.einsum("nct,nc,cd->ntd", active.astype(np.float32), strength, protos.astype(np.float32))
+    observed = rng.random((n, n_classes)) < np.where(Y, 0.30, 0.08)
+    cuts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val), "test": slice(n_train + n_val, n)}
+    return {s: dict(X=X[c], Y=Y[c] & observed[c], observed=observed[c], Y_full=Y[c]) for s, c in cuts.items()}
 
 
 def drop_labels(observed, rate, seed=DROP_SEED):
@@ -321,94 +323,132 @@ def drop_labels(observed, rate, seed=DROP_SEED):
     return observed
 
 
+MAX_INPUT = 1e15   # the model's batch statistics square its inputs in float32, which ends at 3.4e38
+
+
 def compact(X, path, where=""):
-    """X in the width it keeps on the device: uint8 and float16 stay so, anything else numeric
-    becomes float32. Float32 batches are made inside the model, one batch at a time."""
-    if X.ndim == 2:
-        fail(f"{path}: X is (N, D) = {X.shape}, one vector per clip; the model wants frames, (N, T, D): "
-             f"store X[:, None, :] for clip-level embeddings")
-    if X.ndim != 3:
-        fail(f"{path}: X should be (N, T, D), found {X.shape}")
+    """X in the width it keeps on the device (uint8 and float16 stay so, other numbers become float32; the
+    model makes float32 batches), checked: rank, dtype, sizes, finite values of a magnitude the model takes."""
+    if X.ndim != 3 or 0 in X.shape[1:]:
+        fail(f"{path}: X should be (N, T, D) with T, D >= 1, found {X.shape}" + (
+            "; for one vector per clip, store X[:, None, :]" if X.ndim == 2 else ""))
     if X.dtype.kind not in "biuf":
         fail(f"{path}: X has dtype {X.dtype}; expected integers or floats")
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         out = X if X.dtype in (np.uint8, np.float16) else X.astype(np.float32, copy=False)
-    # finite, checked 4,096 rows at a time: no full-size temporary
-    bad = sum(int((~np.isfinite(out[i:i + 4096].reshape(len(out[i:i + 4096]), -1)).all(1)).sum())
-              for i in range(0, len(out), 4096)) if out.dtype.kind == "f" else 0
+        bad = 0   # rows with NaN, inf or |x| > MAX_INPUT, 4,096 rows at a time: no full-size temporary
+        for i in range(0, len(out), 4096) if out.dtype.kind == "f" else ():
+            block = np.abs(out[i:i + 4096].reshape(len(out[i:i + 4096]), -1))
+            bad += int((~(block <= MAX_INPUT)).any(1).sum())
     if bad:
-        fail(f"{path}: X has NaN or inf in {bad} of {len(X)} rows{where} (as {out.dtype})")
+        fail(f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in {bad} of {len(X)} rows{where} (as "
+             f"{out.dtype}); rescale X: the model's float32 batch statistics square its values")
     return out
 
 
-def _strings(values):
-    """HDF5 strings come back as bytes or str, depending on how they were written."""
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def strings(values, path, name, unique=False, length=None):
+    """A 1-D array of HDF5 strings (bytes or str, as written) as a list of str; anything else is refused."""
+    if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "SUO":
+        fail(f"{path}: {name} should be a 1-D array of strings, found {show(values)}")
+    try:
+        out = [v.decode() if isinstance(v, bytes) else v if isinstance(v, str) else fail(
+            f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string") for v in values.tolist()]
+    except UnicodeDecodeError as e:
+        fail(f"{path}: {name} holds a string that is not UTF-8 ({show(e.object[:40])})")
+    if unique and (len(set(out)) < len(out) or "" in out):
+        dup = sorted({k for k in out if out.count(k) > 1}) if len(set(out)) < len(out) else ["''"]
+        fail(f"{path}: {name} must be unique and non-empty; found {show(dup[:3])} more than once or empty")
+    if length is not None and len(out) != length:
+        fail(f"{path}: {name} has {len(out)} entries for {length} rows")
+    return out
+
+
+def labels01(values, path, name, shape):
+    """A numeric or boolean (N, C) array whose values are all 0 or 1, as bool."""
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf" or values.shape != shape:
+        fail(f"{path}: {name} should be {shape} numbers or booleans, found "
+             f"{getattr(values, 'shape', None)} of {getattr(values, 'dtype', type(values).__name__)}")
+    if values.dtype.kind != "b" and not np.isin(values, (0, 1)).all():
+        fail(f"{path}: {name} should hold only 0 and 1 (or booleans); found {show(np.setdiff1d(values, (0, 1))[:3])}")
+    return values.astype(bool)
 
 
 def load_h5(path, block_bytes=64 << 20):
-    """Bring your own embeddings: one .h5 with X (N, T, D), Y (N, C) in {0, 1}, observed (N, C) bool,
-    split (N,) strings train/val/test, optional keys (N,) strings, and the attribute class_names.
-    X is read in blocks of rows straight into each split's array, in its compact width: no float32 copy."""
+    """Your own embeddings: one .h5 with X (N, T, D), Y (N, C) 0/1, observed (N, C) bool or 0/1, split (N,)
+    train/val/test, optional keys (N,) and Y_full (N, C), attribute class_names (docs/data.md). All is checked
+    before use; X is read in blocks straight into each split in its compact width: no float32 copy."""
     import h5py
     if not path.is_file():
         fail(f"no such file: {path}")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("X", "Y", "observed", "split") if k not in f]
-            missing += [] if "class_names" in f.attrs else ["attribute class_names"]
-            if missing:
-                fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split and attribute class_names")
-            Y, obs = f["Y"][()], f["observed"][()].astype(bool)
-            split = np.array(_strings(f["split"][()]))
-            keys = _strings(f["keys"][()]) if "keys" in f else None
-            names = _strings(f.attrs["class_names"])
-            n, dset = len(split), f["X"]
-            first = compact(dset[:1], path)   # checks rank and dtype before anything large is read
-            if dset.shape[0] != n:
-                fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
-            if Y.shape != obs.shape or Y.ndim != 2 or Y.shape[0] != n or Y.shape[1] != len(names):
-                fail(f"{path}: Y and observed should both be (N, C) = ({n}, {len(names)}), found {Y.shape} and {obs.shape}")
-            unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
-            if unknown:
-                fail(f"{path}: unknown split name(s) {unknown}; expected train, val, test")
-            rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-            for s in [s for s, r in rows.items() if len(r) == 0]:
-                fail(f"{path}: no rows with split '{s}'")
-            X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
-            step = max(1, block_bytes // max(1, first.nbytes))
-            for a in range(0, n, step):
-                block = compact(dset[a:a + step], path, f" {a}..{min(a + step, n) - 1}")
-                for s, r in rows.items():
-                    lo, hi = np.searchsorted(r, [a, a + step])
-                    X[s][lo:hi] = block[r[lo:hi] - a]
-    except OSError as e:
-        fail(f"cannot read {path}: {e}")
-    out = {s: dict(X=X[s], Y=(Y[r] > 0.5) & obs[r], observed=obs[r], keys=[keys[i] for i in r] if keys else None)
-           for s, r in rows.items()}
-    return out, names, {}
+            return _read_h5(f, path, block_bytes, h5py)
+    except UserError:
+        raise
+    except Exception as e:  # damaged HDF5 structure, dangling or external links, unreadable types
+        fail(f"cannot read {path}: {type(e).__name__}: {show(str(e).splitlines()[0] if str(e) else '', 150)}")
 
 
-#####################################################################################
-#  Model
-#####################################################################################
+def _read_h5(f, path, block_bytes, h5py):
+    missing = [k for k in ("X", "Y", "observed", "split") if k not in f] + \
+        ([] if "class_names" in f.attrs else ["attribute class_names"])
+    if missing:
+        fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split and attribute class_names")
+    d = {k: f[k] for k in ("X", "Y", "observed", "split", "keys", "Y_full") if k in f}
+    for k in [k for k, v in d.items() if not isinstance(v, h5py.Dataset)]:
+        fail(f"{path}: {k} should be a dataset, found a {type(d[k]).__name__}")
+    need = sum(v.size * v.dtype.itemsize for v in d.values())      # before anything is read
+    if hasattr(os, "sysconf") and need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        fail(f"{path}: its arrays need {need / 2**30:.0f} GiB, more than this machine's memory")
+    split = np.array(strings(d["split"][()], path, "split"))
+    n, names = len(split), strings(np.asarray(f.attrs["class_names"]), path, "attribute class_names", unique=True)
+    unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
+    if unknown:
+        fail(f"{path}: unknown split name(s) {show(unknown[:3])}; expected train, val, test")
+    rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    for s in [s for s, r in rows.items() if len(r) == 0]:
+        fail(f"{path}: no rows with split '{s}'")
+    shape = (n, len(names))
+    obs = labels01(d["observed"][()], path, "observed", shape)
+    Y = d["Y"][()]
+    if not isinstance(Y, np.ndarray) or Y.dtype.kind not in "biuf" or Y.shape != shape:
+        fail(f"{path}: Y should be {shape} numbers, found {getattr(Y, 'shape', None)} {getattr(Y, 'dtype', '')}")
+    labels01(Y[obs], path, "Y where observed", (int(obs.sum()),))     # unobserved entries are ignored
+    Y_full = labels01(d["Y_full"][()], path, "Y_full", shape) if "Y_full" in d else None
+    if Y_full is not None and (Y_full[obs] != (Y[obs] == 1)).any():
+        fail(f"{path}: Y_full differs from Y where the label is observed")
+    keys = strings(d["keys"][()], path, "keys", unique=True, length=n) if "keys" in d else None
+    dset = d["X"]
+    if dset.ndim < 1 or dset.shape[0] != n:
+        fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
+    first = compact(dset[:1], path)   # checks rank and dtype before anything large is read
+    X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
+    step = max(1, block_bytes // max(1, first.nbytes))
+    for a in range(0, n, step):
+        block = compact(dset[a:a + step], path, f" {a}..{min(a + step, n) - 1}")
+        for s, r in rows.items():
+            lo, hi = np.searchsorted(r, [a, a + step])
+            X[s][lo:hi] = block[r[lo:hi] - a]
+    return {s: dict(X=X[s], Y=(Y[r] == 1) & obs[r], observed=obs[r], keys=[keys[i] for i in r] if keys else None,
+                    Y_full=None if Y_full is None else Y_full[r]) for s, r in rows.items()}, names, {}
+
+
+#####  Model  ######################################################################################
 
 class AttentionMIL(nn.Module):
     """Attention-pooling multiple-instance network shared by every method (paper Sec. III).
 
-    (B, T, D) -> float32, (x - input_offset) * input_scale -> input BN
-              -> L x [1x1 linear (no bias) -> BN -> ReLU -> dropout]
-              -> + residual from the raw input -> per-class attention and classifier heads
-              -> attention-weighted mean of the classifier over time, clamped to [0, 1] -> (B, C).
-    A 1x1 convolution over time is a Linear on the last axis; BN normalises each feature over
-    the batch and the frames together. The input scaling is buffers in the state_dict: OpenMIC's
-    X / 255 and SONYC-UST's z-score travel with a saved model, and X may stay uint8 until here.
+    (B, T, D) -> float32, (x - input_offset) * input_scale -> input BN -> L x [1x1 linear (no bias) -> BN ->
+    ReLU -> dropout] -> + residual from the raw input -> per-class attention and classifier heads ->
+    attention-weighted mean of the classifier over time, clamped to [0, 1] -> (B, C). A 1x1 convolution over
+    time is a Linear on the last axis; BN normalises each feature over batch and frames together. The input
+    scaling is buffers in the state_dict: OpenMIC's X / 255 and SONYC-UST's z-score travel with a saved model.
     """
 
     def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6, input_offset=0.0, input_scale=1.0):
         super().__init__()
         self.config = dict(n_features=n_features, n_classes=n_classes, layers=layers, hidden=hidden, dropout=dropout)
-        vector = lambda v: torch.as_tensor(np.asarray(v, np.float32)).expand(n_features).clone()
+        vector = lambda v: torch.as_tensor(np.asarray(v, np.float32)).expand(n_features).clone()  # noqa: E731
         self.register_buffer("input_offset", vector(input_offset))   # (D,)
         self.register_buffer("input_scale", vector(input_scale))     # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
@@ -416,7 +456,7 @@ class AttentionMIL(nn.Module):
         for _ in range(layers):
             blocks.append(nn.ModuleList([nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden)]))
             d = hidden
-        self.blocks = blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(blocks)
         self.dropout = dropout
         # The residual needs matching widths; project the input only where they differ.
         self.shortcut = nn.Identity() if n_features == hidden else nn.Linear(n_features, hidden, bias=False)
@@ -432,9 +472,7 @@ class AttentionMIL(nn.Module):
     def _bn(bn, x):  # (B, T, F) -> BN over B*T -> (B, T, F)
         return bn(x.reshape(-1, x.shape[-1])).view(x.shape)
 
-    def _drop(self, h):
-        # Plain inverted dropout. A uniform draw and a compare is 3x faster on CPU than the
-        # bernoulli_ kernel behind nn.Dropout, which took 60% of the forward pass there.
+    def _drop(self, h):  # inverted dropout: on CPU 3x faster than nn.Dropout's bernoulli_ kernel
         if not self.training or self.dropout == 0:
             return h
         return h * (torch.rand_like(h) >= self.dropout) / (1 - self.dropout)
@@ -448,8 +486,7 @@ class AttentionMIL(nn.Module):
         att = torch.sigmoid(self.attention(h)).clamp(1e-7, 1 - 1e-7)  # (B, T, C)
         att = att / att.sum(dim=1, keepdim=True)             # normalised over time
         cla = torch.sigmoid(self.classifier(h))              # (B, T, C)
-        # A saturated classifier (sigmoid = 1.0) and weights summing to 1 + eps can give 1 + eps:
-        # clamp, as the paper's code does with hardtanh(0, 1); inside [0, 1] values and gradients pass unchanged.
+        # a saturated classifier can give 1 + eps: clamp, as the paper's code does with hardtanh(0, 1)
         return (att * cla).sum(dim=1).clamp(0.0, 1.0)        # (B, C)
 
 
@@ -463,18 +500,7 @@ def predict(model, X, batch=4096):
     return out
 
 
-#####################################################################################
-#  Metrics
-#####################################################################################
-
-def f1_scores(y_true, y_pred):
-    """The paper's per-class F1 (Gururani et al. 2019): the unweighted mean of the F1 of 'absent' and
-    'present' (classification_report's 'macro avg'); and the plain positive-class F1."""
-    from sklearn.metrics import f1_score
-    macro = f1_score(y_true, y_pred, average="macro", zero_division=0)
-    pos = f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
-    return float(macro), float(pos)
-
+#####  Metrics  ####################################################################################
 
 def _nanmean(values):
     v = np.asarray(values, float)
@@ -482,29 +508,32 @@ def _nanmean(values):
 
 
 def classwise_f1(scores, Y, mask, names, scored, threshold=0.5):
-    """Per-class F1 on the entries where mask is True; classes not `scored` are NaN."""
-    pred = scores >= threshold
+    """The paper's F1 (Gururani et al. 2019) per class on the entries where mask is True, thresholded at 0.5:
+    the unweighted mean of the F1 of 'absent' and 'present' (classification_report's 'macro avg'), and the
+    plain positive-class F1; then their mean over classes. Classes not `scored` are NaN."""
+    from sklearn.metrics import f1_score
     macro, pos = [], []
     for c in range(Y.shape[1]):
         m = mask[:, c]
-        a, b = f1_scores(Y[m, c].astype(int), pred[m, c].astype(int)) if scored[c] and m.any() else (np.nan, np.nan)
-        macro.append(a); pos.append(b)
+        y, pred = Y[m, c].astype(int), (scores[m, c] >= threshold).astype(int)
+        ok = scored[c] and m.any()
+        macro.append(float(f1_score(y, pred, average="macro", zero_division=0)) if ok else np.nan)
+        pos.append(float(f1_score(y, pred, pos_label=1, average="binary", zero_division=0)) if ok else np.nan)
     return dict(f1_macro=_nanmean(macro), f1_pos_macro=_nanmean(pos),
                 per_class_f1_macro=dict(zip(names, macro)), per_class_f1_pos=dict(zip(names, pos)))
 
 
 def pr_area(y, scores):
-    """The paper code's AUPRC: scikit-learn's precision_recall_curve with the points (recall 1,
-    precision 0) and (recall 0, precision 1) added, and the trapezoid area under it (`auc`).
-    Not average precision: y [1, 0, 1, 0], scores [.9, .8, .4, .1] give 0.791667, AP 0.833333."""
+    """The paper code's AUPRC: precision_recall_curve with (recall 1, precision 0) and (recall 0, precision 1)
+    added, and the trapezoid area (`auc`). Not AP: y [1, 0, 1, 0], scores [.9, .8, .4, .1]: 0.791667, AP 0.833333."""
     from sklearn.metrics import auc, precision_recall_curve
     P, R, _ = precision_recall_curve(y, scores)
     return float(auc(np.r_[1.0, R, 0.0], np.r_[0.0, P, 1.0]))
 
 
-def masked_auprc(scores, Y, mask, names, scored):
-    """The paper's SONYC-UST metric over the observed entries only: per class, the nan-mean over
-    classes (macro), and all observed entries pooled (micro); also average precision (ap_*)."""
+def ranking_metrics(scores, Y, mask, names, scored, suffix="masked"):
+    """Threshold-free metrics on the entries where mask is True: the paper's AUPRC (auprc_*) and average
+    precision (ap_*), per class, their nan-mean over classes (macro), and all entries pooled (micro)."""
     from sklearn.metrics import average_precision_score
     out = {}
     for name, f in (("auprc", pr_area), ("ap", average_precision_score)):
@@ -513,30 +542,44 @@ def masked_auprc(scores, Y, mask, names, scored):
             m = mask[:, c]
             per.append(float(f(Y[m, c], scores[m, c])) if scored[c] and Y[m, c].any() else float("nan"))
         m = mask & scored[None, :]
-        out[f"{name}_macro_masked"] = _nanmean(per)
-        out[f"{name}_micro_masked"] = float(f(Y[m], scores[m])) if Y[m].any() else float("nan")
-        out[f"per_class_{name}_masked"] = dict(zip(names, per))
+        out[f"{name}_macro_{suffix}"] = _nanmean(per)
+        out[f"{name}_micro_{suffix}"] = float(f(Y[m], scores[m])) if Y[m].any() else float("nan")
+        out[f"per_class_{name}_{suffix}"] = dict(zip(names, per))
     return out
 
 
 def evaluate(scores, split, data):
-    """Test metrics for scores (N, C) on `split`: masked F1 always; against the complete
-    truth on synthetic data; masked AUPRC and the official DCASE metrics on SONYC-UST."""
+    """Test metrics of scores (N, C): F1 at 0.5, AUPRC and AP on the observed labels; calibration, the share of
+    all entries scored >= 0.5 against that of positives among observed labels; the same against the complete
+    truth where it is known; on SONYC-UST, the DCASE metrics."""
     scores = scores.float().cpu().numpy() if torch.is_tensor(scores) else scores
     Y, obs = split.Y.cpu().numpy(), split.observed.cpu().numpy()
     out = classwise_f1(scores, Y, obs, data.class_names, data.scored)
+    out.update(ranking_metrics(scores, Y, obs, data.class_names, data.scored))
+    out["scored_present_share"] = float((scores >= 0.5).mean())
+    out["present_share_masked"] = float(Y[obs].mean()) if obs.any() else float("nan")
     if split.Y_full is not None:
-        full = classwise_f1(scores, split.Y_full.cpu().numpy(), np.ones_like(obs), data.class_names, data.scored)
-        out.update({f"{k}_full_truth": v for k, v in full.items()})
+        full, everything = split.Y_full.cpu().numpy(), np.ones_like(obs)
+        out.update({f"{k}_full_truth": v for k, v in classwise_f1(scores, full, everything, data.class_names,
+                                                                  data.scored).items()})
+        out.update(ranking_metrics(scores, full, everything, data.class_names, data.scored, "full_truth"))
+        out["present_share_full_truth"] = float(full.mean())
     if "sonyc" in data.info:
-        out.update(masked_auprc(scores, Y, obs, data.class_names, data.scored))
-        out.update(sonyc.dcase_metrics(scores, split.extra, data.info["sonyc"], data.info["level"]))
+        out.update(optional_module("sonyc", "--dataset sonyc").dcase_metrics(
+            scores, split.extra, data.info["sonyc"], data.info["level"]))
     return out
 
 
-#####################################################################################
-#  Results
-#####################################################################################
+HEADLINE = ("f1_macro", "auprc_macro_masked", "ap_macro_masked", "f1_macro_full_truth", "ap_macro_full_truth",
+            "dcase_fine_macro_auprc", "dcase_coarse_macro_auprc", "scored_present_share", "present_share_masked",
+            "present_share_full_truth")   # the end-of-run line: how well scores rank, then where they sit
+
+
+def headline(test):
+    return " ".join(f"{k} {test[k]:.4f}" for k in HEADLINE if k in test)
+
+
+#####  Results  ####################################################################################
 
 def versions():
     import sklearn
@@ -552,9 +595,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _atomic(path, write):
-    """Write through a temp file in the same folder, then rename: never a half-written file.
-    The file gets the permissions of any new file (0666 less the umask), not mkstemp's 0600."""
+def write_atomic(path, write):
+    """Write through a temp file in the same folder, then rename: never a half-written file; 0666 less umask."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
@@ -566,14 +608,14 @@ def _atomic(path, write):
             os.remove(tmp)
 
 
-def _jsonable(x):
+def jsonable(x):
     """Plain JSON values: NaN and inf become null; numpy scalars and arrays, Python ones."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, np.ndarray)):
-        return [_jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+        return [jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
     if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else None
+        return float(x) if math.isfinite(x) else None
     return int(x) if isinstance(x, np.integer) else str(x) if isinstance(x, Path) else x
 
 
@@ -586,11 +628,10 @@ def run_record(args, device, started, **parts):
 
 
 def save_run(folder, record, networks, primary, model, test_scores, data):
-    """Write model.pt, the test predictions and, last, metrics.json, each atomically: a run whose
-    metrics.json exists is complete. model.pt (torch.load(..., weights_only=True)) has the same
-    keys in every script: method, primary (the reported network's name), networks (name ->
-    state_dict, input scaling included), config (AttentionMIL's arguments), class_names, input_dtype."""
-    folder = Path(folder)
+    """Write model.pt, the test predictions and, last, metrics.json, each atomically: a run whose metrics.json
+    exists is complete. model.pt (torch.load(..., weights_only=True)) holds CPU tensors: method, primary (the
+    reported network), networks (name -> state_dict), config (AttentionMIL's arguments), class_names, input_dtype."""
+    networks = {name: {k: v.detach().cpu() for k, v in state.items()} for name, state in networks.items()}
     bundle = dict(format="missing-labels model 1", method=record["method"], primary=primary, networks=networks,
                   config=model.config, class_names=list(data.class_names),
                   input_dtype=str(data.train.X.dtype).removeprefix("torch."))
@@ -598,6 +639,8 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
     test = data.test
     arrays = dict(scores=scores, observed=test.observed.cpu().numpy(), labels=test.Y.cpu().numpy(),
                   class_names=np.array(data.class_names))
+    if test.Y_full is not None:
+        arrays["labels_full_truth"] = test.Y_full.cpu().numpy()
     if test.keys is not None:
         arrays["keys"] = np.array(test.keys)
 
@@ -606,44 +649,13 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
             np.savez(fh, **arrays)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
-        _atomic(folder / "test_predictions.npz", write_npz)
+        write_atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
+        write_atomic(folder / "test_predictions.npz", write_npz)
         if "sonyc" in data.info:
-            _atomic(folder / "test_predictions.csv", lambda p: sonyc.write_submission(
+            sonyc = optional_module("sonyc", "--dataset sonyc")
+            write_atomic(folder / "test_predictions.csv", lambda p: sonyc.write_submission(
                 p, scores, test.keys, data.info["sonyc"], data.info["level"]))
-        _atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(_jsonable(record), indent=1)))
+        write_atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(jsonable(record), indent=1)))
     except OSError as e:
         fail(f"cannot write the run to {folder}: {e}")
     print(f"wrote {folder}/metrics.json", flush=True)
-
-
-def load_run(folder, device="cpu"):
-    """The reported network of a finished run, rebuilt in eval mode, and its model.pt's metadata:
-    model, meta = common.load_run("runs/synthetic__b1__seed0"); scores = common.predict(model, X)."""
-    path = Path(folder) / "model.pt"
-    try:
-        bundle = torch.load(path, map_location=device, weights_only=True)
-        model = AttentionMIL(**bundle["config"]).to(device)
-        model.load_state_dict(bundle["networks"][bundle["primary"]])
-    except FileNotFoundError:
-        fail(f"no model.pt in {folder}: not a finished run")
-    except Exception as e:  # a corrupt or foreign file fails in many ways; weights_only=True runs nothing
-        fail(f"cannot load {path} (a run written by this version of missing-labels?): {(str(e) or type(e).__name__).splitlines()[0]}")
-    return model.eval(), {k: v for k, v in bundle.items() if k != "networks"}
-
-
-#####################################################################################
-#  Fast path (fast_step, the --fast CUDA graph capture, lives in fastpath.py)
-#####################################################################################
-
-def adam_options(lr, device, fast):
-    """Adam's speed options: fused on CUDA, foreach on CPU; the --fast CUDA graph also needs
-    a capturable optimizer whose learning rate is a tensor (the scheduler updates it in place,
-    from torch 2.4 on: older ones would leave the captured graph at the first rate)."""
-    if fast and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        fail(f"--fast needs torch >= 2.4; this is torch {torch.__version__}")
-    if device.type == "cuda":
-        if fast:
-            return dict(lr=torch.tensor(lr, device=device), fused=True, capturable=True)
-        return dict(lr=lr, fused=True)
-    return dict(lr=lr, foreach=True)

@@ -1,44 +1,55 @@
-"""The --fast path: one training step captured in a CUDA graph, replayed without Python overhead.
+"""--fast: one training step captured in a CUDA graph and replayed without Python overhead.
 
-Optional and CUDA-only (on CPU it says so and returns the eager step); the method scripts reach
-it as `common.fast_step`, and their step reads the same either way.
+Optional and CUDA-only: the method scripts reach it through common.fast_step, and their step reads the
+same with or without it. It needs torch >= 2.4, whose learning-rate schedulers update a tensor learning
+rate in place (common.fast_step checks), and the step must make no host sync: no .item(), no
+tensor-to-number conversion (tests/test_methods.py traces every method's step on the CPU for that).
 """
 import torch
 import torch.nn as nn
 
 
-def fast_step(step, example_batch, device, enabled, state=()):
-    """Return `step` unchanged, or on CUDA with --fast a replay of one captured CUDA graph.
+def make_capturable(optimizer, device):
+    """Turn the script's Adam, in place, into the one a graph can replay: fused and capturable, with its
+    learning rate a device tensor. The script's scheduler keeps driving it: StepLR fills that tensor in
+    place, and the captured graph reads the new rate at its next replay."""
+    for group in optimizer.param_groups:
+        group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True, capturable=True, foreach=False)
 
-    `step(*batch)` must do a whole training step (forward, backward, optimizer step, any EMA)
-    on fixed-shape tensors, without host syncs, and return the loss tensor. The optimizer
-    comes from adam_options(..., fast=True). `state` lists what a step changes (modules,
-    optimizers, tensors): the warm-up steps that capture needs are undone in place, so the
-    run starts from the same weights as the eager one. Replays then cost no Python overhead.
+
+def capture(step, example_batch, device, state):
+    """A replay of `step` captured in a CUDA graph on `device`.
+
+    `step(*batch)` does a whole training step (forward, backward, optimizer step, any EMA) on fixed-shape
+    tensors and returns the loss tensor. `state` lists what a step changes (modules, optimizers, tensors).
+    Capture needs a few warm-up steps (they allocate gradients and optimizer state); their effect is undone
+    in place, the CUDA random number generator included, so the run starts from the same weights and draws
+    the same dropout masks and batch orders as the eager run with the same seed. What still differs from
+    eager is the optimizer's arithmetic: fused, capturable Adam rounds differently from the default one.
     """
-    if not enabled:
-        return step
-    if device.type != "cuda":
-        print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
-        return step
+    optimizers = [s for s in state if isinstance(s, torch.optim.Optimizer)]
+    for optimizer in optimizers:
+        make_capturable(optimizer, device)
     tensors = [t for s in state if not isinstance(s, torch.optim.Optimizer)
                for t in (s.state_dict().values() if isinstance(s, nn.Module) else [s])]
     saved = [t.detach().clone() for t in tensors]
+    rng = torch.cuda.get_rng_state(device)
     static = [b.clone() for b in example_batch]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: allocates grads and optimizer state
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside capture
         for _ in range(3):
             step(*static)
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream(device).wait_stream(side)
     with torch.no_grad():          # undo the warm-up in place; the graph keeps these addresses
         for t, v in zip(tensors, saved):
             t.copy_(v)
-        for opt in (s for s in state if isinstance(s, torch.optim.Optimizer)):
-            for st in opt.state.values():
+        for optimizer in optimizers:
+            for st in optimizer.state.values():
                 for v in st.values():
                     if torch.is_tensor(v):
                         v.zero_()  # a fresh Adam: zero moments, step 0
+    torch.cuda.set_rng_state(rng, device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = step(*static)

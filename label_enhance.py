@@ -1,10 +1,10 @@
 """Label enhancement (Fonseca et al. 2020; Gururani & Lerch, Sec. IV-A, Eq. 1).
 
-Stage 1 trains a teacher as B0 does: every missing label is a negative. The teacher then
-scores each class's missing training labels; tau_c is the gamma-th percentile of those
-scores. Eq. (1): a missing label whose score is >= tau_c is a likely positive and stays
-masked (M_nc = 0); every other missing label becomes an observed negative (M_nc = 1, y = 0).
-Stage 2 trains a fresh student with B1's masked BCE on that enhanced mask M':
+Stage 1 trains a teacher as B0 does: every missing label is a negative. The teacher then scores
+each class's missing training labels; tau_c is the gamma-th percentile of those scores. Eq. (1):
+a missing label whose score is >= tau_c is a likely positive and stays masked (M_nc = 0); every
+other missing label becomes an observed negative (M_nc = 1, y = 0). Stage 2 trains a fresh
+student with B1's masked BCE on that enhanced mask M':
 
     J_LE = sum_{n,c} M'_nc * BCE(p_nc, y_nc) / sum_{n,c} M'_nc
 
@@ -12,12 +12,13 @@ The teacher's epoch is chosen by its own loss on the validation clips (B0's BCE,
 negative); `--teacher-selection observed` uses the validation BCE over observed labels, as the
 paper's code does. The student, like every other model here, is chosen by the latter.
 
-Differs from B1 only in the mask: B1 masks every missing label, LE only the share
-(100 - gamma)% that the teacher finds most likely positive. gamma = 0 is B1, gamma = 100 is
-B0. LE needs no knowledge of which labels are missing: to it, "missing" = "not positive".
+Differs from B1 only in the mask: B1 masks every missing label, LE only the share (100 - gamma)%
+that the teacher finds most likely positive. gamma = 0 is B1, gamma = 100 is B0. LE needs no
+knowledge of which labels are missing: to it, "missing" = "not positive".
 
     python label_enhance.py --dataset openmic --seed 0
 """
+import argparse
 import math
 import time
 
@@ -54,82 +55,105 @@ def enhance_mask(scores, observed, gamma):
     return enhanced, info
 
 
-def get_args(argv=None):
-    parser = common.make_parser("Label enhancement: a B0 teacher decides which missing labels are negatives.", TABLE_I)
-    parser.add_argument("--gamma", type=common.float_in(0, 100), default=None,
-                        help="percentile gamma of the teacher's scores on missing labels (default: Table I, openmic 10, sonyc 95)")
-    parser.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
-                        help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the "
-                             "loss it trains on; observed = over observed labels only, as the paper's code")
-    return common.parse_args(parser, TABLE_I, argv)
+def percentage(value):
+    """gamma is a percentage in [0, 100]: a value in (0, 1) is most likely a share, typed by mistake."""
+    v = common.float_in(0, 100)(value)
+    if 0 < v < 1:
+        common.warn(f"gamma {value} is a percentage: {value} means {v:g}%, not {v:.0%} (type {v * 100:g} for that)")
+    return v
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Label enhancement: a B0 teacher decides which missing labels are "
+                                "negatives.", allow_abbrev=False)
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
+    p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
+    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
+                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument("--layers", type=common.positive_int,
+                   help=f"hidden layers L ({common.table_default(TABLE_I, 'layers')})")
+    p.add_argument("--hidden", type=common.positive_int,
+                   help=f"hidden width H ({common.table_default(TABLE_I, 'hidden')})")
+    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
+                   help=f"dropout ({common.table_default(TABLE_I, 'dropout')})")
+    p.add_argument("--gamma", type=percentage,
+                   help=f"percentile gamma, in %%, of the teacher's scores on missing labels "
+                        f"({common.table_default(TABLE_I, 'gamma')})")
+    p.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
+                   help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the loss "
+                        "it trains on; observed = over observed labels only, as the paper's code (default: b0)")
+    return common.add_run_args(p)
 
 
 def main():
-    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
-    args = get_args()
-    folder = common.claim_run_dir(args, "label_enhance", TABLE_I)  # refuses a finished run made with other settings
+    # TRY NOT TO MODIFY: options, run folder, seeding, device, data
+    args = common.parse_args(get_parser(), TABLE_I)
+    folder = common.claim_run_dir(args, "label_enhance")  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
     device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
-    # Model selection masks over the validation labels: the observed ones (B1's loss, the paper's
-    # choice for every model), or all of them with missing = negative (B0's loss, which LE's
-    # teacher trains on: LE needs no knowledge of which labels are missing).
+    # Model selection masks over the validation labels: the observed ones (B1's loss, the paper's choice for
+    # every model), or all of them with missing = negative (B0's loss, which LE's teacher trains on).
     val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val.Y)}
 
     def fit(train_mask, stage, selection):
         """Train a fresh model with masked BCE under `train_mask`; return it at its best validation loss
         under `selection` ("observed" or "b0"; both are recorded every epoch)."""
-        # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
+        # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
         model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
                                     input_offset=data.input_offset, input_scale=data.input_scale).to(device)
-        opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
         # ALGO LOGIC: one training step; stage 1 passes an all-ones mask (that is B0), stage 2 the enhanced mask
         def train_step(x, y, mask):                # x (B, T, D); y, mask (B, C)
             p = model(x)                            # (B, C) probabilities
             bce = F.binary_cross_entropy(p, y, reduction="none")
             loss = (bce * mask).sum() / mask.sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            optimizer.step()
             return loss.detach()
 
-        # TRY NOT TO MODIFY: batches drawn on the device with randperm; the last partial batch is dropped
+        # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
+        # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
         batch = min(args.batch_size, len(train.X))
         n_batches = len(train.X) // batch
-        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-                                device, args.fast, state=[model, opt])
-        history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-        with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
-            for epoch in range(1, args.epochs + 1):
-                t0 = time.time()
-                model.train()
-                perm = torch.randperm(len(train.X), device=device)
-                total = torch.zeros((), device=device)
-                for i in range(n_batches):
-                    idx = perm[i * batch:(i + 1) * batch]
-                    total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-                lr = opt.param_groups[0]["lr"]
-                scheduler.step()
+        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device,
+                                args.fast, state=[model, optimizer])
+        history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
+        for epoch in range(1, args.epochs + 1):
+            t0 = time.time()
+            model.train()
+            perm = torch.randperm(len(train.X), device=device)
+            total = torch.zeros((), device=device)
+            for i in range(n_batches):
+                idx = perm[i * batch:(i + 1) * batch]
+                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+            scheduler.step()
 
-                # model selection: the validation BCE under the `selection` mask
-                p = common.predict(model, val.X)
-                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-                losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item() for k, m in val_masks.items()}
-                val_loss = losses[f"val_loss_{selection}"]
-                train_loss = (total / n_batches).item()  # the epoch's one host sync
-                if val_loss < best_loss:
-                    best_loss, best_epoch = val_loss, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=float(lr),
-                                    seconds=time.time() - t0))
-                common.log_epoch(history, args.epochs, prefix=f"{stage}_")
+            # model selection: the validation BCE under the `selection` mask
+            p = common.predict(model, val.X)
+            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+            losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
+                      for k, m in val_masks.items()}
+            val_loss = losses[f"val_loss_{selection}"]
+            train_loss = (total / n_batches).item()  # host syncs: once an epoch
+            if val_loss < best_val_loss:
+                best_val_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr,
+                                seconds=time.time() - t0))
+            print(f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss_observed "
+                  f"{losses['val_loss_observed']:.4f} val_loss_b0 {losses['val_loss_b0']:.4f} | "
+                  f"{history[-1]['seconds']:.2f}s", flush=True)
         model.load_state_dict(best_state)
-        return model, best_state, dict(selection=selection, history=history, best_epoch=best_epoch, best_val_loss=best_loss,
-                                       **{k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")})
+        at_best = {k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")}
+        return model, best_state, dict(selection=selection, history=history, best_epoch=best_epoch,
+                                       best_val_loss=best_val_loss, **at_best)
 
     # ALGO LOGIC: stage 1, the teacher, trained as B0 (every missing label is a negative)
     teacher, teacher_state, stage1 = fit(torch.ones_like(train.Y), "teacher", args.teacher_selection)
@@ -146,7 +170,7 @@ def main():
           f"{n_missing - kept} become negatives", flush=True)
     enhancement = dict(gamma=args.gamma, missing=n_missing, masked=kept,
                        per_class=dict(zip(data.class_names, per_class)))
-    if train.Y_full is not None:  # synthetic data: how well does the masked set find the missing positives?
+    if train.Y_full is not None:  # complete truth known: how well does the masked set find the missing positives?
         masked = ~enhanced & ~train.observed
         positive = (train.Y_full > 0.5) & ~train.observed
         hits = (masked & positive).sum().item()
@@ -161,7 +185,7 @@ def main():
     # TRY NOT TO MODIFY: test the selected student, write the run
     scores = common.predict(student, data.test.X)
     test = common.evaluate(scores, data.test, data)
-    print(f"best epoch {stage2['best_epoch']} | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
+    print(f"best epoch {stage2['best_epoch']} | test {common.headline(test)}", flush=True)
     record = common.run_record(args, device, started, method="label_enhance", history=stage2["history"],
                                best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
                                teacher=stage1, enhancement=enhancement, test=test)

@@ -4,18 +4,21 @@ The paper proposes this combination as future work; this is our implementation o
 
 Stage 1 trains mean teacher where the BCE treats every missing label as a negative (as B0):
     J_1 = mean_{n,c} BCE(p_nc, y_nc) + beta * mean_{n,c} (p_nc - q_nc)^2
-The stage-1 EMA teacher (selected by its own loss on the validation clips, missing = negative,
-as in label_enhance.py; --teacher-selection observed for the paper code's rule) scores the missing training labels,
-and Eq. (1) of label enhancement builds the enhanced mask M' (see label_enhance.py).
+The stage-1 EMA teacher (selected by its own loss on the validation clips, missing = negative, as in
+label_enhance.py; --teacher-selection observed for the paper code's rule) scores the missing training
+labels, and Eq. (1) of label enhancement builds the enhanced mask M' (see label_enhance.py).
 Stage 2 trains a fresh mean teacher with the masked BCE on M':
     J_2 = sum_{n,c} M'_nc BCE(p_nc, y_nc) / sum_{n,c} M'_nc + beta * mean_{n,c} (p_nc - q_nc)^2
 
-Differs from B1 in both ways at once: LE's mask and MT's consistency with an EMA teacher.
-The two pieces are imported from their own scripts, so each is defined once.
+Differs from B1 in both ways at once: LE's mask and MT's consistency with an EMA teacher. The three
+pieces it shares with its parents are copies of label_enhance.py's and mean_teacher.py's, so this file
+runs beside common.py alone; a test fails if a copy drifts from its original.
 
     python le_mean_teacher.py --dataset openmic --seed 0
 """
+import argparse
 import copy
+import math
 import time
 
 import torch
@@ -23,8 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from label_enhance import enhance_mask
-from mean_teacher import ema_tensors, ema_update
 
 # Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
 TABLE_I = {
@@ -33,24 +34,86 @@ TABLE_I = {
 }
 
 
-def get_args(argv=None):
-    parser = common.make_parser("Label enhancement with mean-teacher training in both stages.", TABLE_I)
-    parser.add_argument("--gamma", type=common.float_in(0, 100), default=None,
-                        help="percentile gamma of the teacher's scores on missing labels (default: Table I, openmic 10, sonyc 95)")
-    parser.add_argument("--ema-decay", type=common.float_in(0, 1), default=None,
-                        help="EMA decay alpha of the teacher (default: Table I, openmic 0.999, sonyc 0.99)")
-    parser.add_argument("--consistency-weight", type=common.float_in(0, 1e6), default=None,
-                        help="consistency weight beta (default: Table I, openmic 3, sonyc 3)")
-    parser.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
-                        help="stage 1's epochs: b0 = lowest validation BCE with missing labels as negatives, the "
-                             "loss it trains on; observed = over observed labels only, as the paper's code")
-    return common.parse_args(parser, TABLE_I, argv)
+# ALGO LOGIC: Eq. (1), the enhanced mask (a copy of label_enhance.py's)
+def enhance_mask(scores, observed, gamma):
+    """scores, observed: (N, C). Returns the enhanced observed mask (N, C) and per-class info.
+
+    For each class, k = round((100 - gamma)% of its missing labels) stay masked: those scoring
+    >= tau_c, the k-th highest score (ties at tau_c are all kept masked, as Eq. 1 reads).
+    k = 0 masks none; the paper's code masked them all then (a [-0:] slice), which is wrong.
+    """
+    enhanced = observed.clone()
+    info = []
+    for c in range(observed.shape[1]):
+        missing = (~observed[:, c]).nonzero().squeeze(1)              # (n_missing,)
+        s = scores[missing, c]
+        k = math.floor((100.0 - gamma) / 100.0 * len(s) + 0.5)        # labels to keep masked
+        tau = s.topk(k).values[-1] if k > 0 else torch.tensor(math.inf, device=s.device)
+        stays_masked = s >= tau                                       # Eq. (1): likely positive
+        enhanced[missing[~stays_masked], c] = True                    # now an observed negative
+        info.append(dict(tau=float(tau) if k > 0 else None, missing=len(s), masked=int(stays_masked.sum())))
+    return enhanced, info
+
+
+# ALGO LOGIC: the EMA teacher (copies of mean_teacher.py's)
+def ema_tensors(model):
+    """What the teacher averages: its parameters and its floating-point buffers, the batch-norm running
+    statistics among them (the input scaling is the same constant in both networks, so averaging leaves
+    it unchanged). In train mode BN normalises with each batch's own statistics; the averaged running
+    statistics are what BN uses in eval mode, for validation, test and prediction, and they match the
+    teacher's averaged weights. (The paper's code and CuriousAI's average the parameters only.)"""
+    return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+
+
+@torch.no_grad()
+def ema_update(teacher, student, step, ema_decay):
+    """One EMA step; `step` is a device tensor counting updates. Everything stays on the device: no
+    .item(), no host sync, so the step can be captured in a CUDA graph (--fast)."""
+    step += 1
+    alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)   # the true average early on
+    weight = 1 - alpha
+    for t, s in zip(teacher, student):
+        t.lerp_(s, weight)                                    # t = alpha t + (1 - alpha) s
+
+
+def percentage(value):
+    """gamma is a percentage in [0, 100]: a value in (0, 1) is most likely a share, typed by mistake."""
+    v = common.float_in(0, 100)(value)
+    if 0 < v < 1:
+        common.warn(f"gamma {value} is a percentage: {value} means {v:g}%, not {v:.0%} (type {v * 100:g} for that)")
+    return v
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Label enhancement with mean-teacher training in both stages.",
+                                allow_abbrev=False)
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
+    p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
+    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
+                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument("--layers", type=common.positive_int,
+                   help=f"hidden layers L ({common.table_default(TABLE_I, 'layers')})")
+    p.add_argument("--hidden", type=common.positive_int,
+                   help=f"hidden width H ({common.table_default(TABLE_I, 'hidden')})")
+    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
+                   help=f"dropout ({common.table_default(TABLE_I, 'dropout')})")
+    p.add_argument("--gamma", type=percentage,
+                   help=f"percentile gamma, in %%, of the teacher's scores on missing labels "
+                        f"({common.table_default(TABLE_I, 'gamma')})")
+    p.add_argument("--ema-decay", type=common.float_in(0, 1),
+                   help=f"EMA decay alpha of the teacher ({common.table_default(TABLE_I, 'ema_decay')})")
+    p.add_argument("--consistency-weight", type=common.float_in(0, 1e6),
+                   help=f"consistency weight beta ({common.table_default(TABLE_I, 'consistency_weight')})")
+    p.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
+                   help="stage 1's epochs: b0 = lowest validation BCE with missing labels as negatives, the loss "
+                        "it trains on; observed = over observed labels only, as the paper's code (default: b0)")
+    return common.add_run_args(p)
 
 
 def main():
-    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
-    args = get_args()
-    folder = common.claim_run_dir(args, "le_mean_teacher", TABLE_I)  # refuses a finished run made with other settings
+    # TRY NOT TO MODIFY: options, run folder, seeding, device, data
+    args = common.parse_args(get_parser(), TABLE_I)
+    folder = common.claim_run_dir(args, "le_mean_teacher")  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
     device = common.get_device(args.device, args.threads)
@@ -62,11 +125,11 @@ def main():
     def fit(train_mask, stage, selection):
         """Mean teacher with masked BCE under `train_mask`; returns both networks, each at its best
         validation loss under `selection` ("observed" or "b0")."""
-        # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
+        # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
         model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
                                     input_offset=data.input_offset, input_scale=data.input_scale).to(device)
-        opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
         # ALGO LOGIC: the EMA teacher (BN momentum 0: its running statistics come from the EMA alone)
         teacher = copy.deepcopy(model).requires_grad_(False)
@@ -83,50 +146,54 @@ def main():
                 q = teacher(x)                      # (B, C) teacher, another dropout draw
             bce = F.binary_cross_entropy(p, y, reduction="none")
             loss = (bce * mask).sum() / mask.sum().clamp(min=1) + args.consistency_weight * F.mse_loss(p, q)
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            optimizer.step()
             ema_update(teacher_tensors, student_tensors, ema_step, args.ema_decay)
             return loss.detach()
 
-        # TRY NOT TO MODIFY: batches drawn on the device with randperm; the last partial batch is dropped
+        # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
+        # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
         batch = min(args.batch_size, len(train.X))
         n_batches = len(train.X) // batch
-        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-                                device, args.fast, state=[model, teacher, opt, ema_step])
-        history, best = [], {name: (float("inf"), 0, None) for name in ("teacher", "student")}
-        with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
-            for epoch in range(1, args.epochs + 1):
-                t0 = time.time()
-                model.train()
-                teacher.train()
-                perm = torch.randperm(len(train.X), device=device)
-                total = torch.zeros((), device=device)
-                for i in range(n_batches):
-                    idx = perm[i * batch:(i + 1) * batch]
-                    total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-                lr = opt.param_groups[0]["lr"]
-                scheduler.step()
+        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device,
+                                args.fast, state=[model, teacher, optimizer, ema_step])
+        history = []
+        best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)   # each network selected by its own
+        best_student = dict(val_loss=float("inf"), epoch=0, state=None)   # validation loss under `selection`
+        for epoch in range(1, args.epochs + 1):
+            t0 = time.time()
+            model.train()
+            teacher.train()
+            perm = torch.randperm(len(train.X), device=device)
+            total = torch.zeros((), device=device)
+            for i in range(n_batches):
+                idx = perm[i * batch:(i + 1) * batch]
+                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+            scheduler.step()
 
-                # model selection: each network by its own validation BCE under the `selection` mask
-                entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
-                for name, net in (("teacher", teacher), ("student", model)):
-                    p = common.predict(net, val.X)
-                    val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-                    for k, m in val_masks.items():
-                        entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
-                    if entry[f"val_loss_{name}_{selection}"] < best[name][0]:
-                        best[name] = (entry[f"val_loss_{name}_{selection}"], epoch,
-                                      {k: v.detach().clone() for k, v in net.state_dict().items()})
-                entry["val_loss"] = entry[f"val_loss_teacher_{selection}"]
-                entry["seconds"] = time.time() - t0
-                history.append(entry)
-                common.log_epoch(history, args.epochs, prefix=f"{stage}_")
-        teacher.load_state_dict(best["teacher"][2])
-        model.load_state_dict(best["student"][2])
-        return teacher, model, dict(selection=selection, history=history, best_epoch=best["teacher"][1],
-                                    best_val_loss=best["teacher"][0], best_epoch_student=best["student"][1],
-                                    **{k: v for k, v in history[best["teacher"][1] - 1].items() if k.startswith("val_loss_teacher_")})
+            # model selection: each network by its own validation BCE under the `selection` mask
+            entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=lr)  # host syncs: once an epoch
+            for name, net, best in (("teacher", teacher, best_teacher), ("student", model, best_student)):
+                p = common.predict(net, val.X)
+                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+                for k, m in val_masks.items():
+                    entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
+                if entry[f"val_loss_{name}_{selection}"] < best["val_loss"]:
+                    best.update(val_loss=entry[f"val_loss_{name}_{selection}"], epoch=epoch,
+                                state={k: v.detach().clone() for k, v in net.state_dict().items()})
+            entry.update(val_loss=entry[f"val_loss_teacher_{selection}"], seconds=time.time() - t0)
+            history.append(entry)
+            print(f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {entry['train_loss']:.4f} val_loss_teacher "
+                  f"{entry['val_loss']:.4f} val_loss_student {entry[f'val_loss_student_{selection}']:.4f} | "
+                  f"{entry['seconds']:.2f}s", flush=True)
+        teacher.load_state_dict(best_teacher["state"])
+        model.load_state_dict(best_student["state"])
+        at_best = {k: v for k, v in history[best_teacher["epoch"] - 1].items() if k.startswith("val_loss_teacher_")}
+        return teacher, model, dict(selection=selection, history=history, best_epoch=best_teacher["epoch"],
+                                    best_val_loss=best_teacher["val_loss"], best_epoch_student=best_student["epoch"],
+                                    **at_best)
 
     # ALGO LOGIC: stage 1, mean teacher with every missing label as a negative
     teacher1, _, stage1 = fit(torch.ones_like(train.Y), "stage1", args.teacher_selection)
@@ -139,8 +206,9 @@ def main():
     kept = int(sum(c["masked"] for c in per_class))
     n_missing = int(sum(c["missing"] for c in per_class))
     print(f"gamma {args.gamma:g}: {kept} of {n_missing} missing labels stay masked", flush=True)
-    enhancement = dict(gamma=args.gamma, missing=n_missing, masked=kept, per_class=dict(zip(data.class_names, per_class)))
-    if train.Y_full is not None:  # synthetic data: how well does the masked set find the missing positives?
+    enhancement = dict(gamma=args.gamma, missing=n_missing, masked=kept,
+                       per_class=dict(zip(data.class_names, per_class)))
+    if train.Y_full is not None:  # complete truth known: how well does the masked set find the missing positives?
         masked = ~enhanced & ~train.observed
         positive = (train.Y_full > 0.5) & ~train.observed
         hits = (masked & positive).sum().item()
@@ -154,7 +222,7 @@ def main():
     scores = common.predict(teacher, data.test.X)
     test = common.evaluate(scores, data.test, data)
     test_student = common.evaluate(common.predict(student, data.test.X), data.test, data)
-    print(f"best epoch {stage2['best_epoch']} | test (teacher) " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
+    print(f"best epoch {stage2['best_epoch']} | test (teacher) {common.headline(test)}", flush=True)
     record = common.run_record(args, device, started, method="le_mean_teacher", history=stage2["history"],
                                best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
                                best_epoch_student=stage2["best_epoch_student"], stage1=stage1,

@@ -1,18 +1,19 @@
 """Mean teacher (Tarvainen & Valpola 2017; Gururani & Lerch, Sec. IV-B).
 
-A student is trained with B1's masked BCE plus a consistency cost that pulls its outputs
-towards those of a teacher, whose weights are the exponential moving average (EMA) of the
-student's. The consistency cost covers every output, so the missing labels teach too:
+A student is trained with B1's masked BCE plus a consistency cost that pulls its outputs towards
+those of a teacher, whose weights are the exponential moving average (EMA) of the student's. The
+consistency cost covers every output, so the missing labels teach too:
 
     J_MT = sum_{n,c} M_nc BCE(p_nc, y_nc) / sum_{n,c} M_nc  +  beta * mean_{n,c} (p_nc - q_nc)^2
     teacher weights:  theta'_t = alpha_t theta'_{t-1} + (1 - alpha_t) theta_t,
                       alpha_t = min(1 - 1 / (t + 1), alpha)
 
-p: student, q: teacher (no gradient). Dropout is the only noise: student and teacher each
-draw their own. Differs from B1 only by the consistency term and the EMA teacher.
+p: student, q: teacher (no gradient). Dropout is the only noise: student and teacher each draw
+their own. Differs from B1 only by the consistency term and the EMA teacher.
 
     python mean_teacher.py --dataset openmic --seed 0
 """
+import argparse
 import copy
 import time
 
@@ -31,36 +32,49 @@ TABLE_I = {
 
 # ALGO LOGIC: the EMA teacher
 def ema_tensors(model):
-    """What the teacher averages: its parameters and its floating-point buffers, the batch-norm
-    running statistics among them (the input scaling is the same constant in both networks, so
-    averaging leaves it unchanged). In train mode, as during training, BN normalises with each
-    batch's own statistics; the averaged running statistics are what BN uses in eval mode, for
-    validation, test and prediction, and they match the teacher's averaged weights. (The paper's
-    code and CuriousAI's average the parameters only.)"""
+    """What the teacher averages: its parameters and its floating-point buffers, the batch-norm running
+    statistics among them (the input scaling is the same constant in both networks, so averaging leaves
+    it unchanged). In train mode BN normalises with each batch's own statistics; the averaged running
+    statistics are what BN uses in eval mode, for validation, test and prediction, and they match the
+    teacher's averaged weights. (The paper's code and CuriousAI's average the parameters only.)"""
     return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
 
 
 @torch.no_grad()
 def ema_update(teacher, student, step, ema_decay):
-    """One EMA step; `step` is a device tensor counting updates (kept on the device: no sync)."""
+    """One EMA step; `step` is a device tensor counting updates. Everything stays on the device: no
+    .item(), no host sync, so the step can be captured in a CUDA graph (--fast)."""
     step += 1
     alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)   # the true average early on
-    torch._foreach_lerp_(teacher, student, 1 - alpha)         # teacher = alpha teacher + (1 - alpha) student
+    weight = 1 - alpha
+    for t, s in zip(teacher, student):
+        t.lerp_(s, weight)                                    # t = alpha t + (1 - alpha) s
 
 
-def get_args(argv=None):
-    parser = common.make_parser("Mean teacher: masked BCE plus consistency with an EMA teacher.", TABLE_I)
-    parser.add_argument("--ema-decay", type=common.float_in(0, 1), default=None,
-                        help="EMA decay alpha of the teacher (default: Table I, openmic 0.999, sonyc 0.99)")
-    parser.add_argument("--consistency-weight", type=common.float_in(0, 1e6), default=None,
-                        help="consistency weight beta (default: Table I, openmic 3, sonyc 3)")
-    return common.parse_args(parser, TABLE_I, argv)
+def get_parser():
+    p = argparse.ArgumentParser(description="Mean teacher: masked BCE plus consistency with an EMA teacher.",
+                                allow_abbrev=False)
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
+    p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
+    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
+                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument("--layers", type=common.positive_int,
+                   help=f"hidden layers L ({common.table_default(TABLE_I, 'layers')})")
+    p.add_argument("--hidden", type=common.positive_int,
+                   help=f"hidden width H ({common.table_default(TABLE_I, 'hidden')})")
+    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
+                   help=f"dropout ({common.table_default(TABLE_I, 'dropout')})")
+    p.add_argument("--ema-decay", type=common.float_in(0, 1),
+                   help=f"EMA decay alpha of the teacher ({common.table_default(TABLE_I, 'ema_decay')})")
+    p.add_argument("--consistency-weight", type=common.float_in(0, 1e6),
+                   help=f"consistency weight beta ({common.table_default(TABLE_I, 'consistency_weight')})")
+    return common.add_run_args(p)
 
 
 def main():
-    # TRY NOT TO MODIFY: arguments, run folder, seeding, device, data
-    args = get_args()
-    folder = common.claim_run_dir(args, "mean_teacher", TABLE_I)  # refuses a finished run made with other settings
+    # TRY NOT TO MODIFY: options, run folder, seeding, device, data
+    args = common.parse_args(get_parser(), TABLE_I)
+    folder = common.claim_run_dir(args, "mean_teacher")  # refuses a finished run made with other settings
     started = time.time()
     common.seed_everything(args.seed)
     device = common.get_device(args.device, args.threads)
@@ -68,15 +82,15 @@ def main():
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
-    # TRY NOT TO MODIFY: model, Adam (weight decay 1e-5), learning rate halved every 30 epochs
+    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
                                 input_offset=data.input_offset, input_scale=data.input_scale).to(device)
-    opt = torch.optim.Adam(model.parameters(), weight_decay=1e-5, **common.adam_options(args.lr, device, args.fast))
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
-    # ALGO LOGIC: the teacher starts as a copy of the student and never gets gradients. It runs in
-    # train mode, for its own dropout noise; BN momentum 0 keeps its forward passes from touching
-    # its running statistics, which come from the EMA alone.
+    # ALGO LOGIC: the teacher starts as a copy of the student and never gets gradients. It runs in train
+    # mode, for its own dropout noise; BN momentum 0 keeps its forward passes from touching its running
+    # statistics, which come from the EMA alone.
     teacher = copy.deepcopy(model).requires_grad_(False)
     for m in teacher.modules():
         if isinstance(m, nn.BatchNorm1d):
@@ -93,58 +107,61 @@ def main():
         classification = (bce * observed).sum() / observed.sum().clamp(min=1)  # B1's masked BCE
         consistency = F.mse_loss(p, q)          # over all outputs, observed or not
         loss = classification + args.consistency_weight * consistency
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         ema_update(teacher_tensors, student_tensors, ema_step, args.ema_decay)
         return loss.detach()
 
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm; the last partial batch is dropped
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
+    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-                            device, args.fast, state=[model, teacher, opt, ema_step])
-    history, best = [], {name: (float("inf"), 0, None) for name in ("teacher", "student")}
-    with common.stop_on_divergence(history):  # a NaN loss ends the run in one line, exit 2
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.time()
-            model.train()
-            teacher.train()
-            perm = torch.randperm(len(train.X), device=device)
-            total = torch.zeros((), device=device)
-            for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
-                total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-            lr = opt.param_groups[0]["lr"]
-            scheduler.step()
+    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast,
+                            state=[model, teacher, optimizer, ema_step])
+    history = []
+    best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)   # each network selected by its own
+    best_student = dict(val_loss=float("inf"), epoch=0, state=None)   # validation loss
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        teacher.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch:(i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+        scheduler.step()
 
-            # model selection: each network by its own validation BCE over observed labels
-            entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=float(lr))  # the epoch's one host sync
-            for name, net in (("teacher", teacher), ("student", model)):
-                p = common.predict(net, val.X)
-                val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-                entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-                if entry[f"val_loss_{name}"] < best[name][0]:
-                    best[name] = (entry[f"val_loss_{name}"], epoch,
-                                  {k: v.detach().clone() for k, v in net.state_dict().items()})
-            entry["val_loss"] = entry["val_loss_teacher"]
-            entry["seconds"] = time.time() - t0
-            history.append(entry)
-            common.log_epoch(history, args.epochs)
+        # model selection: each network by its own validation BCE over observed labels
+        entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=lr)  # host syncs: once an epoch
+        for name, net, best in (("teacher", teacher, best_teacher), ("student", model, best_student)):
+            p = common.predict(net, val.X)
+            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+            entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+            if entry[f"val_loss_{name}"] < best["val_loss"]:
+                best.update(val_loss=entry[f"val_loss_{name}"], epoch=epoch,
+                            state={k: v.detach().clone() for k, v in net.state_dict().items()})
+        entry.update(val_loss=entry["val_loss_teacher"], seconds=time.time() - t0)
+        history.append(entry)
+        print(f"epoch {epoch:3d}/{args.epochs} | train_loss {entry['train_loss']:.4f} val_loss_teacher "
+              f"{entry['val_loss_teacher']:.4f} val_loss_student {entry['val_loss_student']:.4f} | "
+              f"{entry['seconds']:.2f}s", flush=True)
 
     # TRY NOT TO MODIFY: test both selected networks (the teacher is the primary result), write the run
-    teacher.load_state_dict(best["teacher"][2])
-    model.load_state_dict(best["student"][2])
+    teacher.load_state_dict(best_teacher["state"])
+    model.load_state_dict(best_student["state"])
     scores = common.predict(teacher, data.test.X)
     test = common.evaluate(scores, data.test, data)
     test_student = common.evaluate(common.predict(model, data.test.X), data.test, data)
-    print(f"best epoch {best['teacher'][1]} | test (teacher) " + " ".join(f"{k} {v:.4f}" for k, v in test.items() if not isinstance(v, dict)))
-    print(f"best epoch {best['student'][1]} | test (student) " + " ".join(f"{k} {v:.4f}" for k, v in test_student.items() if not isinstance(v, dict)))
+    print(f"best epoch {best_teacher['epoch']} | test (teacher) {common.headline(test)}", flush=True)
+    print(f"best epoch {best_student['epoch']} | test (student) {common.headline(test_student)}", flush=True)
     record = common.run_record(args, device, started, method="mean_teacher", history=history,
-                               best_epoch=best["teacher"][1], best_val_loss=best["teacher"][0],
-                               best_epoch_student=best["student"][1], test=test, test_student=test_student)
-    common.save_run(folder, record, {"teacher": best["teacher"][2], "student": best["student"][2]}, "teacher",
-                    model, scores, data)
+                               best_epoch=best_teacher["epoch"], best_val_loss=best_teacher["val_loss"],
+                               best_epoch_student=best_student["epoch"], test=test, test_student=test_student)
+    common.save_run(folder, record, {"teacher": best_teacher["state"], "student": best_student["state"]},
+                    "teacher", model, scores, data)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Stands alone (numpy only) and never runs a pickle from the download: the numeric members load
 with allow_pickle=False, and sample_key, an object array of strings in the official file, goes
 through an unpickler that can rebuild a numpy array and nothing else. `common.load_dataset`
-calls `load_openmic` for `--dataset openmic`. Errors are raised as OpenMICError, one line each.
+calls `load` for `--dataset openmic`. Errors are raised as DataError, one line each.
 """
 import json
 import pickle
@@ -13,12 +13,12 @@ import zlib
 import numpy as np
 
 
-class OpenMICError(Exception):
+class DataError(Exception):
     """An OpenMIC-2018 file is missing, unsafe or not as released: one line, exit 2, no traceback."""
 
 
 def fail(msg):
-    raise OpenMICError(msg)
+    raise DataError(msg)
 
 
 LAYOUT = """expected layout (the unpacked openmic-2018-v1.0.0.tgz from Zenodo record 1432913,
@@ -125,3 +125,8 @@ def load_openmic(root, val_share=0.15, split_seed=0):
         obs = Y_mask[r].astype(bool)
         return dict(X=X[r], Y=(Y_true[r] >= 0.5) & obs, observed=obs, keys=[str(keys[i]) for i in r])
     return {s: take(rows[s]) for s in ("train", "val", "test")}, names, dict(input_scale=1 / 255, source=npz_path)
+
+
+def load(data_dir, level=None, write_atomic=None):
+    """What common.load_dataset calls for --dataset openmic: the archive unpacked in data_dir/openmic-2018/."""
+    return load_openmic(data_dir / "openmic-2018")

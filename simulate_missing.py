@@ -1,26 +1,31 @@
-"""Seed sweeps and label removal: the paper's Fig. 4 (rates 0) and Fig. 5 (rates > 0).
+"""Sweeps: seeds, label removal (the paper's Fig. 4 at rate 0 and Fig. 5) and any method option on a grid.
 
-Runs every (method, drop rate, seed[, gamma]) combination that has no finished run yet, so an
-interrupted sweep resumes where it stopped, then prints mean ± std over seeds (the population
-std, numpy's default) and writes the summary next to the runs. A drop rate removes that share
-of the observed training labels (common.drop_labels: uniform, seeded apart from the training
-seed unless --drop-seed seed, never touching validation or test).
+Runs every (method, option values, drop rate, seed) that has no finished run yet, so an interrupted sweep
+resumes where it stopped, then prints mean ± std over seeds (the population std, numpy's default), writes
+the summary next to the runs and, with --plot, the figures. A drop rate removes that share of the observed
+training labels (uniformly, seeded apart from the training seed unless --drop-seed seed; never validation
+or test labels).
 
-    python simulate_missing.py --dataset synthetic --rates 0 0.1 0.2 0.4 0.8 --seeds 0 1 2 3 4 \\
-        --methods b0 b1 label_enhance mean_teacher --jobs 2 --plot
+    python simulate_missing.py --rates 0 0.1 0.2 0.4 0.8 --seeds 0 1 2 3 4 --jobs 2 --plot
+    python simulate_missing.py --methods b1 mean_teacher --vary lr=0.001,0.005 --seeds 0 1 2 --plot
 
-A finished run is reused only when the settings it recorded equal the ones asked for (the
-output folder, device, thread count and --fast aside); otherwise the sweep refuses, naming them.
---dry-run prints one command per pending run instead (for a Slurm array, GNU parallel or another
-machine); run the same sweep afterwards to collect them. Options it does not know (--epochs 20,
---data-dir D, --lr 5e-4, --device cuda, ...) pass through to every method script; it refuses
-the ones it sets itself.
+--vary NAME=V1,V2,... (repeatable) crosses any option of the method scripts with the seeds and rates;
+run folders carry every non-default option in their names, so two values never share one. Other options
+of the method scripts (--epochs 20, --ema-decay 0.99, --device cuda, ...) pass through to the methods that
+accept them; an option that no chosen method accepts is refused by name. Paths mean what they mean where
+the command is typed; the runs, their logs, the summaries and the figures all go under --out. --dry-run
+prints one command per pending run (for a Slurm array, GNU parallel or another machine); the same sweep
+run afterwards collects them.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import csv
+import difflib
 import hashlib
 import importlib
+import io
+import itertools
 import json
 import os
 import queue
@@ -35,29 +40,94 @@ import numpy as np
 import common
 
 METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher")
-GAMMA_METHODS = ("label_enhance", "le_mean_teacher")
-SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--gamma", "--out")
+PAPER_NAMES = dict(b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT")
+SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
+# The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
+TABLE_KEYS = ("f1_macro", "auprc_macro_masked", "ap_macro_masked", "scored_present_share", "present_share_masked",
+              "f1_macro_full_truth", "ap_macro_full_truth", "present_share_full_truth", "dcase_fine_macro_auprc",
+              "dcase_coarse_macro_auprc", "masked_precision", "masked_recall", "teacher_epoch")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        common.fail(f"cannot read {path}: {e}")
+
+
+def option_groups(tokens):
+    """['--epochs', '20', '--fast', '--lr=0.01'] -> [('--epochs', ['--epochs', '20']), ('--fast', ...), ...]"""
+    groups = []
+    for t in tokens:
+        if t.startswith("--"):
+            groups.append((t.split("=")[0], [t]))
+        elif groups:
+            groups[-1][1].append(t)
+        else:
+            common.fail(f"unexpected argument {t!r}")
+    return groups
+
+
+def method_options(method):
+    module = importlib.import_module(method)
+    return module, {s for a in module.get_parser()._actions for s in a.option_strings}
+
+
+def check_options(args, extra, own):
+    """Refuse a pass-through or varied option that no chosen method accepts, or that the sweep sets itself."""
+    accepted = set().union(*(method_options(m)[1] for m in args.methods))
+    for name in [g[0] for g in option_groups(extra)] + [f"--{k}" for k in args.vary]:
+        if name in SET_BY_SWEEP + (("--device",) if args.devices else ()):
+            common.fail(f"{name}: the sweep sets this itself (use --rates, --seeds, --gammas, --vary, --drop-seed, "
+                        f"--threads, --devices, --out, or run the method script directly)")
+        if name not in accepted:
+            close = difflib.get_close_matches(name, sorted(own | accepted), n=2)
+            common.fail(f"{name}: no option of the sweep or of {', '.join(args.methods)}"
+                        + (f"; did you mean {' or '.join(close)}?" if close else ""))
+    both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
+    if both:
+        common.fail(f"{sorted(both)[0]} is both varied and passed through; give it once")
+
+
+def parse_vary(items):
+    """['lr=0.001,0.005', 'ema_decay=0.99,0.999'] -> {'lr': ['0.001', '0.005'], 'ema-decay': ['0.99', '0.999']}"""
+    vary = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if not name or not values or "" in values.split(","):
+            common.fail(f"--vary {item}: expected NAME=V1,V2,... (e.g. --vary lr=0.001,0.005)")
+        vary[name.strip("-").replace("_", "-")] = list(dict.fromkeys(values.split(",")))
+    return vary
 
 
 def plan(args, extra):
-    """Every run of the sweep: dict(method, rate, seed, gamma, argv, folder, status, diff)."""
-    runs = []
+    """Every run of the sweep: dict(method, values {option: value}, rate, seed, argv, folder, status, diff)."""
+    runs, seen = [], set()
     for method in args.methods:
-        module = importlib.import_module(method)
-        for gamma in (args.gammas if args.gammas and method in GAMMA_METHODS else [None]):
+        module, accepted = method_options(method)
+        passed = [t for name, tokens in option_groups(extra) if name in accepted for t in tokens]
+        axes = {k: v for k, v in args.vary.items() if f"--{k}" in accepted}
+        for combo in itertools.product(*axes.values()):
+            values = dict(zip(axes, combo))
             for rate in args.rates:
                 for seed in args.seeds:
                     argv = ["--dataset", args.dataset, "--level", args.level, "--out", args.out, "--seed", str(seed),
-                            "--drop-rate", f"{rate:g}"] + (["--gamma", f"{gamma:g}"] if gamma is not None else [])
+                            "--drop-rate", f"{rate:g}"] + [t for k, v in values.items() for t in (f"--{k}", v)]
                     if args.drop_seed == "seed" and rate > 0:
                         argv += ["--drop-seed", str(seed)]
-                    run_args = module.get_args(argv + extra)       # exactly what the script will parse
-                    folder = common.run_dir(run_args, method, module.TABLE_I)
+                    parser = module.get_parser()
+                    parser.error = lambda message: common.fail(f"{method}.py: {message}")  # one line, not its usage
+                    with contextlib.redirect_stderr(io.StringIO()):   # its warnings: once, by the sweep
+                        run_args = common.parse_args(parser, module.TABLE_I, argv + passed)
+                    folder = Path(args.out) / common.run_name(run_args, method)
+                    if folder in seen:
+                        continue
+                    seen.add(folder)
                     done = folder / "metrics.json"
-                    diff = common.config_diff(common.read_json(done).get("args", {}), vars(run_args)) if done.is_file() else ""
+                    diff = common.config_diff(read_json(done).get("args", {}), vars(run_args)) if done.is_file() else ""
                     status = "pending" if not done.is_file() else ("stale" if diff else "finished")
-                    runs.append(dict(method=method, rate=rate, seed=seed, gamma=gamma, argv=argv + extra,
+                    runs.append(dict(method=method, values=values, rate=rate, seed=seed, argv=argv + passed,
                                      folder=folder, status=status, diff=diff))
     return runs
 
@@ -69,8 +139,8 @@ def launch(run, devices, threads):
     log = run["folder"].parent / "logs" / (run["folder"].name + ".log")
     t0 = time.time()
     try:
-        with open(log, "w") as fh:
-            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=HERE,
+        with open(log, "w") as fh:   # in the folder the sweep was started from: paths mean the same there
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     finally:
         devices.put(device)
@@ -79,125 +149,173 @@ def launch(run, devices, threads):
     return rc
 
 
-def mean_std(values):
-    v = np.array([x for x in values if x is not None], float)
-    return (float(v.mean()), float(v.std()), len(v)) if len(v) else (float("nan"), float("nan"), 0)
+def metric_of(m, key):
+    if key in m["test"]:
+        return m["test"][key]
+    if key in m.get("enhancement", {}):
+        return m["enhancement"][key]
+    part = m.get("teacher", m.get("stage1"))
+    return part["best_epoch"] if key == "teacher_epoch" and part else None
 
 
 def summarize(args, runs):
-    """Mean and population std over seeds of each metric, per method (and gamma) and rate; `values`
-    keeps the headline metric of every seed."""
-    headline = "auprc_macro_masked" if args.dataset == "sonyc" else "f1_macro"
+    """Per (method, option values, rate): the seeds, the mean and population std of every metric, and
+    `per_seed`, each scalar test metric of every seed (for the figures)."""
     groups = {}
     for r in runs:
         if (r["folder"] / "metrics.json").is_file():
-            m = common.read_json(r["folder"] / "metrics.json")
-            groups.setdefault((r["method"], r["gamma"], r["rate"]), []).append(m)
+            key = (r["method"], tuple(r["values"].items()), r["rate"])
+            groups.setdefault(key, []).append(read_json(r["folder"] / "metrics.json"))
     rows = []
-    for (method, gamma, rate), ms in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or -1, kv[0][2])):
-        row = dict(method=method, gamma=gamma, rate=rate, seeds=len(ms), values=[m["test"].get(headline) for m in ms])
-        for key in (headline, "f1_pos_macro", "f1_macro_full_truth", "f1_pos_macro_full_truth",
-                    "dcase_fine_macro_auprc", "dcase_coarse_macro_auprc"):
-            if key in ms[0]["test"]:
-                row[key], row[key + "_std"], _ = mean_std(m["test"][key] for m in ms)
-        for key in ("masked_precision", "masked_recall"):
-            if key in ms[0].get("enhancement", {}):
-                row[key], row[key + "_std"], _ = mean_std(m["enhancement"][key] for m in ms)
-        for part in ("teacher", "stage1"):
-            if part in ms[0]:
-                row["teacher_epoch"], row["teacher_epoch_std"], _ = mean_std(m[part]["best_epoch"] for m in ms)
+    for (method, values, rate), ms in groups.items():
+        row = dict(method=method, **dict(values), rate=rate, seeds=len(ms))
+        scalar = [k for k, v in ms[0]["test"].items() if isinstance(v, (int, float)) or v is None]
+        row["per_seed"] = {k: [metric_of(m, k) for m in ms] for k in scalar + ["teacher_epoch"]
+                           if metric_of(ms[0], k) is not None}
+        for key in TABLE_KEYS:
+            v = np.array([metric_of(m, key) for m in ms if metric_of(m, key) is not None], float)
+            if len(v):
+                row[key], row[key + "_std"] = float(v.mean()), float(v.std())
+                if key == "teacher_epoch":
+                    row["teacher_epoch_min"], row["teacher_epoch_max"] = int(v.min()), int(v.max())
         row["seconds"] = float(np.mean([m["seconds"] for m in ms]))
         rows.append(row)
-    return headline, rows
+    return rows
 
 
-def label(method, gamma):
-    return method + (f" (gamma {gamma:g})" if gamma is not None else "")
+def label(row, vary):
+    extra = ", ".join(f"{k} {row[k]}" for k in vary if k in row)
+    return PAPER_NAMES[row["method"]] + (f" ({extra})" if extra else "")
 
 
-def markdown(rows, key, rates):
-    names = sorted({(r["method"], r["gamma"]) for r in rows if key in r}, key=lambda k: (METHODS.index(k[0]), k[1] or -1))
-    if not names:
+def markdown(rows, key, rates, vary):
+    rows = [r for r in rows if key in r]
+    if not rows:
         return ""
-    cell = {(r["method"], r["gamma"], r["rate"]): r for r in rows}
+    cell = {(label(r, vary), r["rate"]): r for r in rows}
     lines = [f"| {key} | " + " | ".join(f"drop {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
-    for method, gamma in names:
+    for name in dict.fromkeys(label(r, vary) for r in rows):
         vals = []
         for rate in rates:
-            r = cell.get((method, gamma, rate))
-            vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})" if r and key in r else "–")
-        lines.append(f"| {label(method, gamma)} | " + " | ".join(vals) + " |")
+            r = cell.get((name, rate))
+            if r is None:
+                vals.append("–")
+            elif key == "teacher_epoch":   # a count: its range over seeds
+                vals.append(f"{r['teacher_epoch_min']}–{r['teacher_epoch_max']} (n={r['seeds']})")
+            else:
+                vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def plot(summary, out):
-    """fig4.png: per method, the headline metric of every seed at the lowest drop rate (box plots);
-    fig5.png: its mean ± std against the drop rate, one line per method. Returns what was plotted."""
+def plot(summary, out, metric=None, suffix=""):
+    """Fig. 4: per method, `metric` of every seed at the lowest drop rate (a box without outlier markers,
+    the seeds as jittered dots). Fig. 5: its mean ± std against the drop rate, one line per method, each
+    method's points shifted a little so none hides another. Returns what was plotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key, rows = summary["headline"], summary["rows"]
+    rows, vary = summary["rows"], summary["vary"]
+    paper_f4 = "auprc_macro_masked" if summary["dataset"] == "sonyc" else "f1_macro"
+    metrics = dict(fig4=metric or paper_f4, fig5=metric or "auprc_macro_masked")
+    n_seeds = max(r["seeds"] for r in rows)
+    setting = " ".join(summary["passed_through"]) or "every other option at its default"
+    caption = f"{Path(summary['dataset']).name}, {n_seeds} seed(s); {setting}"
+    plotted, rng = {}, np.random.default_rng(0)
     first = min(r["rate"] for r in rows)
-    fig4 = {label(r["method"], r["gamma"]): [v for v in r["values"] if v is not None] for r in rows if r["rate"] == first}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(fig4) + 2), 4))
-    ax.boxplot(list(fig4.values()))
-    for i, values in enumerate(fig4.values(), start=1):      # every seed as a dot, too
-        ax.plot([i] * len(values), values, ".", color="gray", alpha=0.7)
-    ax.set_xticks(range(1, len(fig4) + 1), list(fig4), rotation=20, ha="right")
-    ax.set_ylabel(key)
-    ax.set_title(f"{summary['dataset']}: {key} over seeds, drop rate {first:g} (paper Fig. 4)", fontsize=10)
+    fig4 = {label(r, vary): [v for v in r["per_seed"].get(metrics["fig4"], []) if v is not None]
+            for r in rows if r["rate"] == first}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(fig4) + 2), 4.2))
+    ax.boxplot(list(fig4.values()), showfliers=False, widths=0.5)
+    for i, values in enumerate(fig4.values(), start=1):
+        ax.plot(i + rng.uniform(-0.12, 0.12, len(values)), values, "o", ms=4, color="k", alpha=0.6)
+    ax.set_xticks(range(1, len(fig4) + 1), list(fig4), rotation=15, ha="right")
+    ax.set_ylabel(metrics["fig4"])
+    ax.set_title(f"{metrics['fig4']} over seeds, drop rate {first:g} (paper Fig. 4)\n{caption}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(Path(out) / "fig4.png", dpi=120)
+    plotted["fig4"] = fig4
+    fig.savefig(Path(out) / f"fig4{suffix}.png", dpi=120)
     plt.close(fig)
-    fig5 = {}
+    lines = {}
     for r in rows:
-        rates, means, stds = fig5.setdefault(label(r["method"], r["gamma"]), ([], [], []))
-        rates.append(r["rate"]); means.append(r[key]); stds.append(r[key + "_std"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (rates, means, stds) in fig5.items():
-        ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, label=name)
+        values = [v for v in r["per_seed"].get(metrics["fig5"], []) if v is not None]
+        if values:
+            point = (r["rate"], float(np.mean(values)), float(np.std(values)), values)
+            lines.setdefault(label(r, vary), []).append(point)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    spread = 0.012 * (max(summary["rates"]) - min(summary["rates"]) or 1)
+    for i, (name, points) in enumerate(lines.items()):
+        points.sort()
+        dx = (i - (len(lines) - 1) / 2) * spread
+        rates = [p[0] + dx for p in points]
+        ax.errorbar(rates, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=name)
+        for x, p in zip(rates, points):
+            ax.plot([x] * len(p[3]), p[3], ".", color="gray", alpha=0.5, ms=3)
     ax.set_xlabel("share of observed training labels removed")
-    ax.set_ylabel(f"{key} (mean ± std over seeds)")
-    ax.set_title(f"{summary['dataset']}: robustness to missing labels (paper Fig. 5)", fontsize=10)
+    ax.set_ylabel(f"{metrics['fig5']} (mean ± std over seeds)")
+    ax.set_title(f"{metrics['fig5']} against missing labels (paper Fig. 5)\n{caption}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(Path(out) / "fig5.png", dpi=120)
+    plotted["fig5"] = {name: [[p[i] for p in pts] for i in range(3)]  # rates, means, stds
+                       for name, pts in lines.items()}
+    fig.savefig(Path(out) / f"fig5{suffix}.png", dpi=120)
     plt.close(fig)
-    return dict(fig4=fig4, fig5=fig5)
+    return plotted
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                epilog="Any other option of the method scripts passes through to those that accept it.")
+    p.add_argument("--dataset", type=common.dataset_arg, default="synthetic",
+                   help="as for the method scripts (default: synthetic)")
+    p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:4]),
+                   help="method scripts to run (default: b0 b1 label_enhance mean_teacher)")
+    p.add_argument("--rates", nargs="+", type=common.float_in(0, 1, hi_open=True), default=[0.0],
+                   help="shares of the observed training labels to remove; the paper: 0 0.1 0.2 0.4 0.8 (default: 0)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (default: 0 1 2 3 4)")
+    p.add_argument("--gammas", nargs="+", type=common.float_in(0, 100),
+                   help="gamma values (in %%) for label_enhance and le_mean_teacher; --vary gamma=... for short "
+                        "(default: Table I's only)")
+    p.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
+                   help="an option of the method scripts to put on the grid, e.g. lr=0.001,0.005; repeatable")
+    p.add_argument("--drop-seed", choices=("fixed", "seed"), default="fixed",
+                   help="which labels a drop rate removes: the same for every seed (fixed), or drawn with each "
+                        "training seed (seed), as the paper's code did (default: fixed)")
+    p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once (default: 1)")
+    p.add_argument("--threads", type=common.positive_int,
+                   help="CPU threads of each run (default: the machine's cores shared out among --jobs)")
+    p.add_argument("--devices", nargs="+", help="devices to spread the runs over, e.g. cuda:0 cuda:1; each run is "
+                   "pinned to one (default: each script's own choice)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print one command per pending run, run nothing; run the same sweep afterwards to collect")
+    p.add_argument("--plot", action="store_true", help="also draw Fig. 4 and Fig. 5 (needs matplotlib)")
+    p.add_argument("--metric", help="the metric of both figures (default: the paper's: Fig. 4 f1_macro, on "
+                   "SONYC-UST auprc_macro_masked; Fig. 5 auprc_macro_masked)")
+    p.add_argument("--out", default="runs", help="folder for the runs, logs, summaries and figures (default: runs)")
+    return p
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter,
-                                     allow_abbrev=False, epilog="Passed through to every method script: any other "
-                                     "option of theirs, e.g. --epochs, --lr, --data-dir, --dropout, --device, --fast, "
-                                     "--teacher-selection. Set here, so refused as pass-through: " + " ".join(SET_BY_SWEEP))
-    parser.add_argument("--dataset", type=common._dataset_arg, default="synthetic", help="as for the method scripts")
-    parser.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:4]), help="method scripts to run")
-    parser.add_argument("--rates", nargs="+", type=common.float_in(0, 1, hi_open=True), default=[0.0],
-                        help="shares of the observed training labels to remove (paper: 0 0.1 0.2 0.4 0.8)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--gammas", nargs="+", type=common.float_in(0, 100), default=None,
-                        help="gamma values to sweep for label_enhance and le_mean_teacher (default: Table I's only)")
-    parser.add_argument("--drop-seed", choices=("fixed", "seed"), default="fixed",
-                        help="which labels a drop rate removes: the same for every seed (fixed), or drawn with "
-                             "each training seed (seed), as the paper's code did")
-    parser.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once")
-    parser.add_argument("--devices", nargs="+", default=None,
-                        help="devices to spread the runs over, e.g. cuda:0 cuda:1; each run is pinned to one "
-                             "(default: each script's own choice)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print one command per pending run, run nothing; run the same sweep afterwards to collect")
-    parser.add_argument("--plot", action="store_true", help="also write fig4.png and fig5.png (needs matplotlib)")
-    parser.add_argument("--out", default="runs", help="folder for the runs and the summary files")
+    parser = get_parser()
     args, extra = parser.parse_known_args()
-    args.methods = list(dict.fromkeys(args.methods))     # each method once
-    controlled = SET_BY_SWEEP + (("--device",) if args.devices else ())
-    taken = [t + ("" if "=" in t or i + 1 == len(extra) or extra[i + 1].startswith("-") else f" {extra[i + 1]}")
-             for i, t in enumerate(extra) if t.split("=")[0] in controlled]
-    if taken:
-        common.fail(f"{', '.join(taken)}: the sweep sets this itself (use --rates, --seeds, --gammas, --drop-seed, "
-                    f"--devices, or run the method script directly)")
+    own = {s for a in parser._actions for s in a.option_strings}
+    args.methods = [m for m in METHODS if m in args.methods]     # each once, in the paper's order
+    args.vary = parse_vary(args.vary)
+    if args.gammas:
+        if "gamma" in args.vary:
+            common.fail("--gammas and --vary gamma=...: give gamma once")
+        args.vary["gamma"] = [f"{g:g}" for g in args.gammas]
+    for g in args.vary.get("gamma", []):
+        if g.replace(".", "", 1).isdigit() and 0 < float(g) < 1:
+            common.warn(f"gamma {g} is a percentage: {g} means {float(g):g}%, not {float(g):.0%}")
+    check_options(args, extra, own)
+    for device in args.devices or [t.split("=")[-1] for name, tokens in option_groups(extra) if name == "--device"
+                                   for t in tokens[-1:]]:
+        common.get_device(device, use=False)       # an unavailable device stops the sweep before any run
+    if args.threads and args.threads * args.jobs > (os.cpu_count() or 1):
+        common.warn(f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
+                    f"cores: slower, not faster")
 
     runs = plan(args, extra)
     stale = [r for r in runs if r["status"] == "stale"]
@@ -207,47 +325,58 @@ def main():
     todo = [r for r in runs if r["status"] == "pending"]
     if args.dry_run:
         for r in todo:
-            print(shlex.join(["python", f"{r['method']}.py", *r["argv"]]))
+            print(shlex.join(["python", str(HERE / f"{r['method']}.py"), *r["argv"]]))
         return
     common.check_writable(args.out)
     Path(args.out, "logs").mkdir(parents=True, exist_ok=True)
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do, {args.jobs} at a time", flush=True)
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do, {args.jobs} at a time",
+          flush=True)
     devices = queue.Queue()
     for i in range(args.jobs):
         devices.put(args.devices[i % len(args.devices)] if args.devices else None)
     per_device = -(-args.jobs // len(args.devices)) if args.devices else args.jobs
-    threads = max(1, (os.cpu_count() or 1) // per_device)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // per_device)
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         failed = sum(rc != 0 for rc in pool.map(lambda r: launch(r, devices, threads), todo))
     wall = time.time() - t0
+    out = Path(args.out)
+    if todo and failed == len(todo):
+        log = out / "logs" / (todo[0]["folder"].name + ".log")
+        common.fail(f"all {failed} run(s) of this sweep failed (first log: {log}); no summary written, "
+                    f"earlier ones left as they were")
 
-    headline, rows = summarize(args, runs)
-    keys = [headline, "f1_macro_full_truth", "masked_precision", "masked_recall", "teacher_epoch"]
-    if args.dataset == "sonyc":
-        keys += ["dcase_fine_macro_auprc" if args.level == "fine" else "dcase_coarse_macro_auprc"]
-    for key in keys:
-        table = markdown(rows, key, args.rates)
+    rows = summarize(args, runs)
+    if args.plot and args.metric and not any(args.metric in r["per_seed"] for r in rows):
+        common.fail(f"--metric {args.metric}: no run of this sweep has it; choose from "
+                    f"{common.show(sorted({k for r in rows for k in r['per_seed']}), 200)}")
+    for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
+        table = markdown(rows, key, args.rates, args.vary)
         if table:
             print("\n" + table)
+    shares = [f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth")
+              if rows and k in rows[0]]
+    if shares:   # what scored_present_share compares with: the test labels' own share of positives
+        print(f"\ntest labels: {', '.join(shares)}")
     grid = dict(dataset=args.dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds,
-                gammas=args.gammas, drop_seed=args.drop_seed, passed_through=extra)
-    summary = dict(**grid, headline=headline, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows,
+                vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
+    summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows,
                    versions=common.versions())
     name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-    columns = sorted({k for r in rows for k in r if k != "values"}, key=lambda k: (k not in ("method", "gamma", "rate", "seeds"), k))
+    columns = ["method", *args.vary, "rate", "seeds"] + sorted({k for r in rows for k in r} - {
+        "method", "rate", "seeds", "per_seed", *args.vary})
 
     def write_csv(p):
         with open(p, "w", newline="") as fh:
             w = csv.DictWriter(fh, columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-    out = Path(args.out)
     for stem in (name, "summary"):   # this grid's own summary, and a copy as the latest one
-        common._atomic(out / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(common._jsonable(summary), indent=1)))
-        common._atomic(out / f"{stem}.csv", write_csv)
-    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest) | sweep wall time {wall:.0f}s",
-          flush=True)
+        common.write_atomic(out / f"{stem}.json",
+                            lambda p: Path(p).write_text(json.dumps(common.jsonable(summary), indent=1)))
+        common.write_atomic(out / f"{stem}.csv", write_csv)
+    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest) | "
+          f"sweep wall time {wall:.0f}s", flush=True)
     if failed:
         common.fail(f"{failed} run(s) failed; their logs are in {out / 'logs'}")
     if args.plot:
@@ -256,8 +385,10 @@ def main():
         except ImportError:
             common.fail("--plot needs matplotlib, which is optional: pip install matplotlib "
                         "(the runs and the summary are written; rerun the same sweep to plot)")
-        plot(common._jsonable(summary), out)
-        print(f"wrote {out}/fig4.png and {out}/fig5.png", flush=True)
+        tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
+        for suffix in (tag, ""):   # this sweep's figures, and a copy as the latest ones
+            plot(common.jsonable(summary), out, args.metric, suffix)
+        print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ used to score a DCASE submission without the challenge's pandas/oyaml tool chain
     python sonyc.py PREDICTIONS.csv ANNOTATIONS.csv --split validate
 
 prints the fine and coarse micro/macro AUPRC and micro-F1 as JSON. `common.load_dataset` calls
-`load_sonyc` for `--dataset sonyc`. Errors are raised as SonycError, one line each.
+`load_sonyc` for `--dataset sonyc`. Errors are raised as DataError, one line each.
 """
 import argparse
 import csv
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 
-class SonycError(Exception):
+class DataError(Exception):
     """A SONYC-UST file is missing or not as released: one line, exit status 2, no traceback."""
 
 
 def fail(msg):
-    raise SonycError(msg)
+    raise DataError(msg)
 
 
 LAYOUT = """expected layout (SONYC-UST v2, Zenodo record 3966543, https://zenodo.org/record/3966543):
@@ -164,6 +164,11 @@ def load_sonyc(root, level, write_atomic=None):
     names = tax["coarse_names"] if level == "coarse" else tax["fine_names"]
     return out, names, dict(sonyc=tax, level=level, input_offset=mean.astype(np.float32),
                             input_scale=(1 / std).astype(np.float32))
+
+
+def load(data_dir, level="fine", write_atomic=None):
+    """What common.load_dataset calls for --dataset sonyc: data_dir/sonyc-ust/ (annotations.csv, embeddings/)."""
+    return load_sonyc(data_dir / "sonyc-ust", level, write_atomic=write_atomic)
 
 
 def _cache_key(root, clips, csv_hash):
@@ -378,7 +383,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(json.dumps(score_submission(args.predictions, args.annotations, args.split), indent=1))
-    except SonycError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,7 +11,8 @@ default synthetic run of each method end to end (python METHOD.py, 100 epochs).
     python benchmarks/bench.py                      # CPU or the default CUDA device
     python benchmarks/bench.py --device cuda --fast --shape openmic sonyc --e2e
 
-It prints a table and the estimated wall time of the paper's whole sweep. No test asserts on it.
+It prints a table and the estimated wall time of the paper's whole sweep; it exits 1 when a run failed.
+No test asserts on its timings.
 """
 import argparse
 import json
@@ -50,6 +51,7 @@ def write_h5(path, shape, seed=0):
 
 
 def time_script(method, data, extra, epochs, device, fast, out):
+    out = Path(tempfile.mkdtemp(dir=out))   # one run per folder, whatever its name
     cmd = [sys.executable, str(ROOT / f"{method}.py"), "--dataset", str(data), "--epochs", str(epochs),
            "--out", str(out), "--device", device] + extra + (["--fast"] if fast else [])
     t0 = time.time()
@@ -57,7 +59,7 @@ def time_script(method, data, extra, epochs, device, fast, out):
     wall = time.time() - t0
     if p.returncode != 0:
         return None, wall, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
-    m = json.loads((Path(out) / f"{Path(data).stem}__{method}__seed0" / "metrics.json").read_text())
+    m = json.loads(next(out.glob("*/metrics.json")).read_text())
     seconds = [e["seconds"] for e in m["history"][1:]] or [m["history"][0]["seconds"]]
     for key in ("teacher", "stage1"):   # two-stage methods: both stages' epochs
         if key in m:
@@ -66,7 +68,8 @@ def time_script(method, data, extra, epochs, device, fast, out):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(STAGES), choices=list(STAGES), help="scripts to time")
     p.add_argument("--shape", nargs="+", default=["openmic"], choices=list(SHAPES), help="dataset sizes")
     p.add_argument("--epochs", type=int, default=4, help="epochs per timing run (the first is left out)")
@@ -77,7 +80,7 @@ def main():
 
     device = torch.device(args.device)
     print(f"device: {common.device_name(device)} | torch {torch.__version__} | python {sys.version.split()[0]}")
-    rows, per_epoch = [], {}
+    rows, per_epoch, failures = [], {}, 0
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shape:
             data = Path(tmp) / f"bench_{shape}.h5"
@@ -88,6 +91,7 @@ def main():
                     mode = "fast" if fast else "eager"
                     if s is None:
                         rows.append(f"| {shape} | {method} | {mode} | failed: {note} | | |")
+                        failures += 1
                         continue
                     per_epoch[(shape, method, mode)] = s
                     rows.append(f"| {shape} | {method} | {mode} | {s:.3f} | {SHAPES[shape][0] / s:,.0f} | {wall:.1f} |")
@@ -97,16 +101,21 @@ def main():
             print("\n| default synthetic run (100 epochs) | wall s |\n|---|---|")
             for method in args.methods:
                 t0 = time.time()
-                r = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), "--out", tmp, "--device", args.device],
-                                   capture_output=True, text=True)
+                r = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), "--out", tempfile.mkdtemp(dir=tmp),
+                                    "--device", args.device], capture_output=True, text=True)
+                failures += r.returncode != 0
                 print(f"| {method} | {time.time() - t0:.1f}{'' if r.returncode == 0 else ' (failed)'} |", flush=True)
     # the paper's sweep: every method, 5 seeds x 5 drop rates, 100 epochs, each size timed here
     for mode in ("eager", "fast"):
         total = [per_epoch.get((shape, m, mode)) for shape in args.shape for m in args.methods]
         if all(t is not None for t in total) and total:
             est = sum(per_epoch[(shape, m, mode)] * 100 * STAGES[m] * 25 for shape in args.shape for m in args.methods)
-            print(f"\nestimated sweep ({mode}, {', '.join(args.shape)}, {len(args.methods)} methods, 5 seeds x 5 rates, "
+            print(f"\nestimated sweep ({mode}, {', '.join(args.shape)}, {len(args.methods)} methods, "
+                  f"5 seeds x 5 rates, "
                   f"100 epochs, one run at a time): {est / 60:.0f} min; divide by the runs that fit at once (--jobs)")
+    if failures:
+        print(f"\n{failures} timing run(s) FAILED (see the table)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

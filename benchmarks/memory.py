@@ -39,7 +39,8 @@ def write_h5(path, n, frames=10, features=128, classes=20, block=100_000, seed=0
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clips", nargs="+", type=int, default=[300_000], help="dataset sizes to measure")
     p.add_argument("--device", default="cpu", help="device for b1.py")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for b1.py (default: torch's)")
@@ -58,11 +59,13 @@ def main():
             t0 = time.time()
             r = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True)
             wall = time.time() - t0
-            peak = next((float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK_RSS_MIB")), None)
+            peak = next((float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK_RSS_MIB")),
+                        None)
             if r.returncode != 0:
-                rows.append(f"| {n:,} | {size:,.0f} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | |")
+                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+                rows.append(f"| {n:,} | {size:,.0f} | failed: {why} | | |")
                 continue
-            m = json.loads((Path(tmp) / f"{data.stem}__b1__seed0" / "metrics.json").read_text())
+            m = json.loads(next(Path(tmp).glob(f"{data.stem}__b1__seed0*/metrics.json")).read_text())
             device_peak = m.get("peak_device_memory_mb")
             rows.append(f"| {n:,} | {size:,.0f} | {peak:,.0f} | {f'{device_peak:,.0f}' if device_peak else '–'} "
                         f"| {m['history'][0]['seconds']:.0f} | {wall:.0f} |")

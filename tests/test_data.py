@@ -1,0 +1,344 @@
+"""The data readers against fixtures in the official layouts (shared/DATA.md) and the .h5 layout
+(docs/data.md): what they read, what they keep, and every bad input answered in one line, exit 2."""
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import common
+from tests.conftest import (
+    OPENMIC_CLASSES,
+    SONYC_COARSE,
+    SONYC_FINE,
+    SONYC_ROWS,
+    call,
+    load,
+    ok,
+    refused,
+    run,
+    write_h5,
+    write_openmic,
+    write_sonyc,
+)
+
+
+def bad(tmp_path, *args):
+    """b1.py on bad data: one line naming the problem, exit 2, no traceback, and no run folder."""
+    p = call("b1.py", "--epochs", 1, "--out", tmp_path / "out", *args)
+    err = refused(p)
+    assert len(err.strip().splitlines()) == 1 or "expected layout" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    return err
+
+
+#####  OpenMIC-2018  #######################################################################################
+
+@pytest.mark.parametrize("names", [("split01_train.csv", "split01_test.csv"), ("train01.txt", "test01.txt")])
+def test_openmic_reads_the_official_layout(tmp_path, names):
+    _, raw = write_openmic(tmp_path, partition_names=names)
+    d = load("openmic", tmp_path)
+    assert d.class_names == OPENMIC_CLASSES
+    assert (len(d.train.X), len(d.val.X), len(d.test.X)) == (60 - 9, 9, 20)     # validation: 15% of train
+    assert d.test.keys == list(raw["test_keys"])
+    assert set(d.train.keys) | set(d.val.keys) == set(raw["train_keys"])
+    assert not set(d.train.keys) & set(d.val.keys)
+    row = {k: i for i, k in enumerate(raw["keys"])}
+    for split in (d.train, d.val, d.test):
+        r = [row[k] for k in split.keys]
+        assert split.X.dtype == torch.uint8 and torch.equal(split.X, torch.tensor(raw["X"][r]))  # kept as bytes
+        assert torch.equal(split.observed, torch.tensor(raw["mask"][r]))
+        assert torch.equal(split.Y.bool(), torch.tensor((raw["Y_true"][r] >= 0.5) & raw["mask"][r]))
+    assert d.input_scale == pytest.approx(1 / 255)
+    assert load("openmic", tmp_path).val.keys == d.val.keys  # the validation split does not move
+
+
+def test_missing_openmic_folder_names_the_layout_and_the_download(tmp_path):
+    err = refused(call("b1.py", "--dataset", "openmic", "--data-dir", tmp_path, "--out", tmp_path / "o"),
+                  "openmic-2018", "1432913", "class-map.json")
+    assert "expected layout" in err
+
+
+@pytest.fixture
+def npz(openmic):
+    return openmic[0] / "openmic-2018.npz", openmic[1]
+
+
+def test_truncated_openmic_download(tmp_path, npz):
+    path, _ = npz
+    path.write_bytes(path.read_bytes()[:1000])
+    assert "not a zip" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(Y_mask=None), ["Y_mask", "openmic-2018.npz"]),
+    (dict(X="2d"), ["X should be", "(80, 128)"]),
+    (dict(Y_true="short"), ["Y_true", "(79, 20)"]),
+    (dict(X="nan"), ["NaN or inf", "2 of 80 rows"]),
+])
+def test_openmic_npz_with_wrong_members(change, words, tmp_path, npz):
+    path, raw = npz
+    arrays = dict(X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
+    if change.get("X") == "2d":
+        arrays["X"] = raw["X"][:, 0]
+    if change.get("X") == "nan":
+        arrays["X"] = raw["X"].astype(np.float32)
+        arrays["X"][3, 0, 0], arrays["X"][7, 1, 1] = np.nan, np.inf
+    if change.get("Y_true") == "short":
+        arrays["Y_true"] = raw["Y_true"][:-1]
+    if "Y_mask" in change:
+        del arrays["Y_mask"]
+    np.savez(path, **arrays)
+    err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    for w in words:
+        assert w in err
+
+
+def test_openmic_class_map_and_partitions_must_match_the_npz(tmp_path, openmic):
+    root = openmic[0]
+    (root / "class-map.json").write_text(json.dumps({c: i for i, c in enumerate(OPENMIC_CLASSES[:19])}))
+    assert "class-map.json" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    (root / "class-map.json").write_text(json.dumps({c: i for i, c in enumerate(OPENMIC_CLASSES)}))
+    with open(root / "partitions" / "split01_test.csv", "a") as fh:
+        fh.write("999999_0\n999998_0\n")
+    err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    assert "split01_test.csv" in err and "2 key(s) not in" in err and "999999_0" in err
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted download would do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_openmic_pickle_is_refused_and_runs_nothing(tmp_path, npz):
+    path, raw = npz
+    marker = tmp_path / "pwned"
+    keys = raw["keys"].copy()
+    keys[0] = _Payload(marker)
+    np.savez(path, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=keys)
+    err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    assert "refused" in err and "system" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"<html>Not Found</html>", b"\x80\x04\x95" + bytes(range(200)), b""])
+def test_failed_openmic_downloads(content, tmp_path, npz):
+    npz[0].write_bytes(content)
+    assert "not a zip" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+
+
+def test_openmic_object_arrays_are_refused(tmp_path, npz):
+    path, raw = npz
+    np.savez(path, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"],
+             sample_key=np.array([{"a": 1}] * 80, dtype=object))
+    assert "sample_key" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    np.savez(path, X=raw["X"].astype(object), Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
+    assert "openmic-2018.npz" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+
+
+#####  SONYC-UST v2  #######################################################################################
+
+def test_sonyc_targets_and_mask_by_hand(tmp_path, sonyc):
+    d = load("sonyc", tmp_path)
+    fine = [t for t in SONYC_FINE if "-X" not in t]
+    assert d.class_names == fine and len(fine) == 23
+    col = {t.split("_")[0]: i for i, t in enumerate(fine)}
+    assert d.train.keys == ["00_000001.wav", "00_000002.wav"]
+    assert d.val.keys == ["01_000003.wav", "01_000005.wav"]          # 01_000004 has no verified row
+    assert d.test.keys == ["02_000006.wav", "02_000007.wav"]
+    Y, obs = d.train.Y.numpy(), d.train.observed.numpy()
+    # clip 1: crowd annotators 10 and 11; any "present" wins; the team row (8-1) is ignored
+    assert set(np.flatnonzero(Y[0])) == {col["1-1"], col["5-3"]} and obs[0].all()
+    # clip 2: 1-X present -> the engine fine tags are missing; 2-1 is -1 -> missing
+    assert set(np.flatnonzero(~obs[1])) == {col["1-1"], col["1-2"], col["1-3"], col["2-1"]}
+    assert set(np.flatnonzero(Y[1])) == {col["6-1"]}
+    # validate clip 3: the verified row alone (its crowd row's 8-1 is ignored); 4-X masks the saw tags
+    assert set(np.flatnonzero(d.val.Y.numpy()[0])) == {col["7-1"]}
+    assert set(np.flatnonzero(~d.val.observed.numpy()[0])) == {col["4-1"], col["4-2"], col["4-3"]}
+    assert d.test.extra["x_truth"][1].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert d.test.extra["coarse_truth"][1].tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_sonyc_inputs_are_z_scored_with_training_statistics_inside_the_model(tmp_path, sonyc):
+    d = load("sonyc", tmp_path)
+    z = (d.train.X - torch.as_tensor(d.input_offset)) * torch.as_tensor(d.input_scale)
+    assert torch.allclose(z.mean((0, 1)), torch.zeros(512), atol=1e-4)
+    assert torch.allclose(z.std((0, 1), correction=0), torch.ones(512), atol=1e-3)
+
+
+def test_sonyc_coarse_level(tmp_path, sonyc):
+    c = load("sonyc", tmp_path, level="coarse")
+    assert c.class_names == SONYC_COARSE
+    assert c.train.Y.numpy()[1].tolist() == [1, 0, 0, 0, 0, 1, 0, 0]
+    assert c.train.observed.numpy()[1].tolist() == [True, False, True, True, True, True, True, True]  # 2_ is -1
+
+
+def test_sonyc_cache_notices_changed_annotations_and_embeddings(tmp_path, sonyc):
+    first = load("sonyc", tmp_path)
+    assert (sonyc / "embeddings_cache.h5").is_file()
+    emb = sonyc / "embeddings" / "02_000007.npz"
+    np.savez(emb, embedding=np.full((11, 512), 7.0, np.float32))
+    os.utime(emb, ns=(emb.stat().st_atime_ns, emb.stat().st_mtime_ns + 10**9))
+    second = load("sonyc", tmp_path)
+    assert (second.test.X[1] == 7.0).all() and not (first.test.X[1] == 7.0).all()
+    rows = SONYC_ROWS + [("test", "02_000008.wav", 0, {"8-1": 1})]
+    write_sonyc(tmp_path / "again", rows=rows)
+    np.savez(sonyc / "embeddings" / "02_000008.npz", embedding=np.ones((11, 512), np.float32))
+    (tmp_path / "again" / "sonyc-ust" / "annotations.csv").replace(sonyc / "annotations.csv")
+    assert len(load("sonyc", tmp_path).test.X) == 3
+
+
+@pytest.mark.parametrize("level", ["fine", "coarse"])
+def test_sonyc_runs_write_a_submission_that_the_standalone_scorer_reads_back(level, tmp_path, sonyc):
+    ok(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--level", level, "--epochs", 1,
+            "--out", tmp_path / "o"))
+    folder = tmp_path / "o" / f"{'sonyc' if level == 'fine' else 'sonyc_coarse'}__b1__seed0__epochs1"
+    test = json.loads((folder / "metrics.json").read_text())["test"]
+    for key in ["auprc_macro_masked", "ap_macro_masked", "dcase_coarse_micro_auprc", "dcase_micro_f1"] + (
+            ["dcase_fine_micro_auprc", "dcase_fine_macro_auprc"] if level == "fine" else []):
+        assert key in test, key
+    with open(folder / "test_predictions.csv") as fh:
+        table = list(csv.reader(fh))
+    assert table[0] == ["audio_filename"] + SONYC_FINE + SONYC_COARSE
+    assert [r[0] for r in table[1:]] == ["02_000006.wav", "02_000007.wav"]
+    assert table[1][1 + SONYC_FINE.index("1-X_engine-of-uncertain-size")] == "0"
+    p = run("sonyc.py", folder / "test_predictions.csv", sonyc / "annotations.csv", "--split", "test")
+    scored = json.loads(ok(p).stdout)
+    keys = [k for k in scored if k in test and (level == "fine" or "coarse" in k)]
+    assert len(keys) >= (6 if level == "fine" else 3)
+    assert all(scored[k] == pytest.approx(test[k], abs=1e-12) for k in keys)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("no folder", ["annotations.csv", "3966543", "openl3"]),
+    ("no annotator_id", ["annotations.csv", "annotator_id"]),
+    ("presence 2", ["annotations.csv, line 12", "'2'"]),
+    ("embedding missing", ["1 embedding file(s)", "02_000007.npz"]),
+    ("embedding shape", ["02_000006.npz", "(10, 512)"]),
+])
+def test_bad_sonyc_inputs(kind, words, tmp_path):
+    if kind != "no folder":
+        write_sonyc(tmp_path, **{"no annotator_id": dict(drop_column="annotator_id"), "presence 2": dict(bad_value=2),
+                                 "embedding missing": dict(skip_embedding="02_000007.wav"),
+                                 "embedding shape": dict(bad_shape=(10, 512))}[kind])
+    err = refused(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"), *words)
+    assert not (tmp_path / "o").exists()
+    assert err
+
+
+#####  Your own .h5  #######################################################################################
+
+@pytest.mark.parametrize("kind", ["bytes", "unicode"])
+def test_h5_accepts_bytes_and_unicode_strings(kind, tmp_path):
+    d = load(write_h5(tmp_path / f"{kind}.h5", str_kind=kind))
+    assert (len(d.train.X), len(d.val.X), len(d.test.X)) == (30, 15, 15)
+    assert d.class_names == [f"tag{c}" for c in range(5)]
+    assert d.train.keys[0] == "clip0"
+
+
+def test_h5_with_the_complete_truth(tmp_path):
+    d = load(write_h5(tmp_path / "full.h5", full_truth=True))
+    assert d.train.Y_full is not None
+    assert torch.equal(d.train.Y_full.bool() & d.train.observed, d.train.Y.bool())
+
+
+def write_scaled_h5(path, dtype, n=64):
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128))
+    with h5py.File(path, "w") as f:
+        f["X"] = X.astype(dtype)
+        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
+        f["observed"] = rng.random((n, 4)) < 0.6
+        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
+        f.attrs["class_names"] = ["a", "b", "c", "d"]
+    return path
+
+
+@pytest.mark.parametrize("dtype, kept", [(np.uint8, torch.uint8), (np.float16, torch.float16),
+                                         (np.float64, torch.float32), (np.int16, torch.float32)])
+def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
+    path = write_scaled_h5(tmp_path / "x.h5", dtype)
+    assert load(path).train.X.dtype == kept
+    whole, _, _ = common.load_h5(path)
+    blocks, _, _ = common.load_h5(path, block_bytes=3000)      # 2 clips a block: many blocks
+    for s in ("train", "val", "test"):
+        assert np.array_equal(whole[s]["X"], blocks[s]["X"])
+
+
+def test_h5_values_the_model_cannot_take_are_refused_by_row(tmp_path):
+    path = write_scaled_h5(tmp_path / "x.h5", np.float64)
+    with h5py.File(path, "a") as f:
+        f["X"][50, 0, 0] = 1e300                             # finite as float64, inf as float32
+        f["X"][51, 0, 0] = 3e38                              # finite, but beyond what batch statistics square
+    err = bad(tmp_path, "--dataset", path)
+    assert "x.h5" in err and "in 2 of 64 rows 0..63" in err and "rescale X" in err
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("no observed", ["x.h5", "observed"]),
+    ("split dev", ["unknown split name(s) ['dev']"]),
+    ("flat X", ["X[:, None, :]"]),
+])
+def test_bad_h5_inputs(edit, words, tmp_path):
+    path = write_h5(tmp_path / "x.h5")
+    with h5py.File(path, "a") as f:
+        if edit == "no observed":
+            del f["observed"]
+        if edit == "split dev":
+            s = f["split"][()]
+            s[0] = b"dev"
+            del f["split"]
+            f["split"] = s
+        if edit == "flat X":
+            del f["X"]
+            f["X"] = np.zeros((60, 16), np.float32)
+    err = bad(tmp_path, "--dataset", path)
+    for w in words:
+        assert w in err
+
+
+def test_absent_and_random_h5_files(tmp_path):
+    assert "absent.h5" in bad(tmp_path, "--dataset", tmp_path / "absent.h5")
+    (tmp_path / "raw.h5").write_bytes(os.urandom(500))
+    assert "cannot read" in bad(tmp_path, "--dataset", tmp_path / "raw.h5")
+
+
+def test_a_class_without_training_label_warns_and_is_left_out(tmp_path):
+    path = write_h5(tmp_path / "gap.h5", no_train_label_for=2)
+    p = ok(call("b1.py", "--dataset", path, "--epochs", 1, "--out", tmp_path))
+    assert "tag2" in p.stderr and "NaN" in p.stderr
+    test = json.loads(next(tmp_path.glob("gap__b1*/metrics.json")).read_text())["test"]
+    assert test["per_class_f1_macro"]["tag2"] is None
+    others = [v for k, v in test["per_class_f1_macro"].items() if k != "tag2"]
+    assert test["f1_macro"] == pytest.approx(np.mean(others))
+
+
+#####  Label removal and the synthetic data  ################################################################
+
+def test_drop_labels_touches_only_observed_training_labels():
+    d0, d = load("synthetic"), load("synthetic", drop_rate=0.4)
+    before, after = d0.train.observed, d.train.observed
+    assert not (after & ~before).any()
+    assert after.sum().item() == before.sum().item() - round(0.4 * before.sum().item())
+    assert torch.equal(d.val.observed, d0.val.observed) and torch.equal(d.test.observed, d0.test.observed)
+    assert torch.equal(load("synthetic", drop_rate=0.4).train.observed, after)
+
+
+def test_drop_seed_changes_which_labels_not_how_many():
+    a, b = load("synthetic", drop_rate=0.4), load("synthetic", drop_rate=0.4, drop_seed=7)
+    assert a.train.observed.sum() == b.train.observed.sum()
+    assert not torch.equal(a.train.observed, b.train.observed)
+
+
+def test_synthetic_data_is_partially_labelled_and_fixed():
+    d = load("synthetic")
+    assert 0.08 < d.train.observed.float().mean().item() < 0.14
+    assert d.train.Y[d.train.observed].mean().item() > 2 * d.train.Y_full.mean().item()   # positives over-represented
+    assert torch.equal(load("synthetic").train.X, d.train.X)

@@ -1,0 +1,298 @@
+"""The model and the methods: their pieces on hand-made cases, their training steps (no host sync, so
+--fast can capture them), the learning-rate history, label enhancement's teacher selection, inputs at
+odd scales, le_mean_teacher.py's copies, and, where CUDA is present, --fast against the eager run."""
+import inspect
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+import common
+import label_enhance
+import le_mean_teacher
+import mean_teacher
+from tests.conftest import METHODS, ROOT, call, metrics_of, ok, run, run_dirs, write_h5
+
+#####  The model  ###########################################################################################
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return common.AttentionMIL(128, 20, layers=3, hidden=128, dropout=0.6).eval()
+
+
+def test_model_has_the_papers_size_and_init(model):
+    assert 50_000 < sum(p.numel() for p in model.parameters()) < 60_000
+    assert all(linear.bias is None for linear, _ in model.blocks)
+    assert torch.all(model.attention.bias == 0)
+    assert torch.all(model.classifier.bias == 0)
+
+
+def test_model_gives_one_probability_per_clip_and_class(model):
+    p = model(torch.randn(4, 10, 128))
+    assert p.shape == (4, 20)
+    assert ((p > 0) & (p < 1)).all()
+    assert common.AttentionMIL(512, 23, layers=1, hidden=512)(torch.randn(3, 11, 512)).shape == (3, 23)
+
+
+def test_attention_pooling_of_one_frame_is_that_frames_score(model):
+    x = torch.randn(4, 1, 128)
+    h = model._bn(model.input_bn, x)
+    for linear, bn in model.blocks:
+        h = torch.relu(model._bn(bn, linear(h)))
+    h = h + x
+    assert torch.allclose(model(x), torch.sigmoid(model.classifier(h))[:, 0], atol=1e-6)
+
+
+def test_saturated_classifier_keeps_the_output_in_0_1():
+    torch.manual_seed(0)
+    model = common.AttentionMIL(16, 5, layers=1, hidden=16, dropout=0.0).eval()
+    with torch.no_grad():
+        model.classifier.bias.fill_(60.0)                 # sigmoid = 1.0 exactly
+        model.attention.weight.normal_(0, 3)              # uneven weights: their sum is 1 + eps
+    p = model(torch.randn(256, 10, 16) * 100)
+    assert ((p >= 0) & (p <= 1)).all()
+    assert (p == 1).any()
+
+
+#####  Method pieces by hand  ###############################################################################
+
+def test_enhanced_mask_by_hand():
+    observed = torch.tensor([[1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.5, 0.2], [0.1, 0.5, 0.3], [0.4, 0.5, 0.4], [0.6, 0.2, 0.5]])
+    enhanced, info = label_enhance.enhance_mask(scores, observed, gamma=50)
+    # class 0: missing rows 1-4 score .8 .1 .4 .6; k = 2 stay masked (.8, .6), tau = .6; .1 and .4 -> negatives
+    assert info[0] == dict(tau=pytest.approx(0.6), missing=4, masked=2)
+    assert enhanced[:, 0].tolist() == [True, False, True, True, False]
+    # class 1: four tied missing scores: k = 2, but ties at tau all stay masked (Eq. 1 reads score >= tau)
+    assert info[1]["masked"] == 4
+    assert enhanced[:, 1].tolist() == [False, False, False, False, True]
+    # class 2: no missing label: nothing to do
+    assert info[2] == dict(tau=None, missing=0, masked=0)
+
+
+def test_enhanced_mask_edge_cases():
+    observed = torch.tensor([[1], [0], [0], [0], [0]], dtype=torch.bool)
+    scores = torch.tensor([[0.9], [0.8], [0.1], [0.4], [0.6]])
+    assert torch.equal(label_enhance.enhance_mask(scores, observed, 0)[0], observed)     # gamma 0 = B1
+    assert label_enhance.enhance_mask(scores, observed, 100)[0].all()                    # gamma 100 = B0
+    assert label_enhance.enhance_mask(scores, observed, 10)[1][0]["masked"] == 4         # round(0.9 * 4) = 4
+    one = label_enhance.enhance_mask(scores[:2], observed[:2], 90)      # round(0.1 * 1) = 0: masks none
+    assert one[1][0]["masked"] == 0                                     # (the paper's code masked them all)
+    assert one[0].all()
+
+
+def test_one_ema_update_by_hand():
+    teacher, student = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
+    step = torch.zeros(())
+    mean_teacher.ema_update(teacher, student, step, ema_decay=0.99)
+    assert step.item() == 1
+    assert torch.allclose(teacher[0], torch.tensor([2.0, 4.0]))   # t = 1: alpha = min(1 - 1/2, 0.99) = 0.5
+    step.fill_(1000)
+    mean_teacher.ema_update(teacher, student, step, ema_decay=0.99)   # alpha = 0.99 from then on
+    assert torch.allclose(teacher[0], 0.99 * torch.tensor([2.0, 4.0]) + 0.01 * torch.tensor([3.0, 6.0]))
+
+
+@pytest.mark.parametrize("name, origin", [("enhance_mask", label_enhance), ("percentage", label_enhance),
+                                          ("ema_tensors", mean_teacher), ("ema_update", mean_teacher)])
+def test_le_mean_teachers_copies_match_their_originals(name, origin):
+    assert inspect.getsource(getattr(le_mean_teacher, name)) == inspect.getsource(getattr(origin, name))
+
+
+#####  The training step: no host sync, so a CUDA graph can capture it  ######################################
+
+def untraced(f, *args, **kwargs):
+    with _disable_current_modes():
+        return f(*args, **kwargs)
+
+
+SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+         "aten::_unique2", "aten::unique_consecutive", "aten::equal"}
+
+
+class SyncTrap(TorchDispatchMode):
+    """Records every operator that reads a device value on the host, or whose output size depends on one."""
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.ops = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func._schema.name in SYNCS:
+            self.syncs.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_trap_sees_item_and_float():
+    with SyncTrap() as trap:
+        t = torch.ones(3).sum()
+        float(t)
+        t.item()
+    assert trap.syncs == ["aten::_local_scalar_dense"] * 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_step_makes_no_host_sync(method, tmp_path, h5, monkeypatch):
+    """Every step of every stage, traced once: forward, loss, backward and EMA; the optimizer's own step is
+    left out (CPU Adam is not capturable; --fast swaps in fused, capturable Adam)."""
+    traced = []
+
+    def trace_first_call(step, example_batch, device, enabled, state=()):
+        optimizers = [s for s in state if isinstance(s, torch.optim.Optimizer)]
+        done = []
+
+        def traced_step(*batch):
+            if done:
+                return step(*batch)
+            done.append(True)
+            reals = [opt.step for opt in optimizers]
+            for opt, real in zip(optimizers, reals):   # the optimizer's own step runs untraced
+                opt.step = lambda *a, real=real, **k: untraced(real, *a, **k)
+            with SyncTrap() as trap:
+                loss = step(*batch)
+            for opt, real in zip(optimizers, reals):
+                opt.step = real
+            traced.append(trap)
+            return loss
+        return traced_step
+
+    monkeypatch.setattr(common, "fast_step", trace_first_call)
+    ok(call(f"{method}.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path))
+    assert len(traced) == (2 if method in ("label_enhance", "le_mean_teacher") else 1)
+    for trap in traced:
+        assert trap.ops > 50          # the whole step was traced
+        assert trap.syncs == []
+
+
+def test_ema_update_makes_no_host_sync():
+    net = common.AttentionMIL(16, 5, layers=1, hidden=16)
+    teacher, student = mean_teacher.ema_tensors(net), mean_teacher.ema_tensors(common.AttentionMIL(16, 5, 1, 16))
+    with SyncTrap() as trap:
+        mean_teacher.ema_update(teacher, student, torch.zeros(()), 0.999)
+    assert trap.syncs == []
+    assert trap.ops > len(teacher)
+
+
+#####  The learning rate: halved every 30 epochs, recorded before the scheduler halves it  ###################
+
+def check_lr(folder):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_lr.py"), str(folder)],
+                          capture_output=True, text=True)
+
+
+def test_tensor_learning_rate_is_recorded_for_its_own_epoch(tmp_path, h5, monkeypatch):
+    """--fast makes the learning rate a float32 tensor that the scheduler updates in place; on the CPU the
+    same happens with a tensor learning rate and foreach off."""
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr, **kw: adam(params, lr=torch.tensor(lr), foreach=False,
+                                                                               **kw))
+    ok(call("b1.py", "--dataset", h5, "--epochs", 32, "--out", tmp_path))
+    lrs = [e["lr"] for e in metrics_of(tmp_path)["history"]]
+    assert lrs[29] == pytest.approx(1e-3, rel=1e-6)     # epoch 30
+    assert lrs[30] == pytest.approx(5e-4, rel=1e-6)     # epoch 31
+    assert lrs[29] != 1e-3                              # it was float32 indeed
+    p = ok(check_lr(run_dirs(tmp_path)[0]))
+    assert "halved at epochs 31" in p.stdout
+
+
+def test_check_lr_refuses_a_wrong_schedule(tmp_path, h5):
+    ok(call("b1.py", "--dataset", h5, "--epochs", 62, "--out", tmp_path))
+    folder = run_dirs(tmp_path)[0]
+    assert "halved at epochs 31, 61" in ok(check_lr(folder)).stdout
+    m = json.loads((folder / "metrics.json").read_text())
+    m["history"][40]["lr"] = m["history"][20]["lr"]        # a schedule that kept the first rate too long
+    (folder / "metrics.json").write_text(json.dumps(m))
+    assert check_lr(folder).returncode == 1
+    (folder / "metrics.json").write_text("{")
+    assert check_lr(folder).returncode == 2
+
+
+#####  Label enhancement's teacher selection  ###############################################################
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("le")
+    ok(call("label_enhance.py", "--epochs", 4, "--out", out))
+    p = ok(call("label_enhance.py", "--epochs", 4, "--out", out, "--teacher-selection", "observed"))
+    return (metrics_of(out, "synthetic__label_enhance__seed0__epochs4")["teacher"],
+            metrics_of(out, "synthetic__label_enhance__seed0__epochs4__teacher-observed")["teacher"], p.stderr)
+
+
+@pytest.mark.parametrize("rule", ["b0", "observed"])
+def test_le_teacher_is_the_epoch_with_the_lowest_loss_of_its_rule(rule, teachers):
+    t = teachers[0] if rule == "b0" else teachers[1]
+    losses = [e[f"val_loss_{rule}"] for e in t["history"]]
+    assert t["selection"] == rule
+    assert t["best_epoch"] == 1 + int(np.argmin(losses))
+    assert t[f"val_loss_{rule}"] == min(losses)
+
+
+def test_the_two_teacher_rules_disagree_on_synthetic_data_and_epoch_1_warns(teachers):
+    assert teachers[0]["best_epoch"] > 1
+    assert teachers[1]["best_epoch"] == 1
+    assert "selected at epoch 1" in teachers[2]
+
+
+#####  Odd inputs that must still train  ####################################################################
+
+def test_batches_without_observed_labels_give_no_nan(tmp_path):
+    path = write_h5(tmp_path / "sparse.h5", observed_share=0.0)  # most rows have no observed label
+    for method in ("b1", "mean_teacher"):
+        ok(call(f"{method}.py", "--dataset", path, "--epochs", 2, "--batch-size", 1, "--out", tmp_path / method))
+        assert all(np.isfinite(e["train_loss"]) for e in metrics_of(tmp_path / method)["history"])
+
+
+def write_scaled_h5(path, dtype, scale, n=64):
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128)) * scale
+    with h5py.File(path, "w") as f:
+        f["X"] = X.astype(dtype)
+        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
+        f["observed"] = rng.random((n, 4)) < 0.6
+        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
+        f.attrs["class_names"] = ["a", "b", "c", "d"]
+    return path
+
+
+@pytest.mark.parametrize("method", ["b1", "label_enhance", "mean_teacher"])
+@pytest.mark.parametrize("kind", ["raw bytes", "floats x 1e4"])
+def test_raw_bytes_and_large_floats_train(method, kind, tmp_path):
+    path = write_scaled_h5(tmp_path / "x.h5", *((np.uint8, 1) if kind == "raw bytes" else (np.float32, 1e4)))
+    ok(call(f"{method}.py", "--dataset", path, "--epochs", 3, "--batch-size", 8, "--out", tmp_path))
+    pred = np.load(run_dirs(tmp_path)[0] / "test_predictions.npz")["scores"]
+    assert ((pred >= 0) & (pred <= 1)).all()
+
+
+#####  CUDA: --fast against the eager run (skipped, and said so, without a GPU; benchmarks/gpu_check.sh)  ##
+
+def histories(m):
+    return m["history"] + m.get("teacher", m.get("stage1", {})).get("history", [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_fast_run_follows_the_eager_one(method, tmp_path):
+    """Dropout 0, so no random draw but the batch order (which --fast restores after its warm-up): the two
+    runs differ only in Adam's arithmetic (fused and capturable, float32 learning rate, against the default).
+    Those roundings start near 1e-7 and grow over 32 epochs of 20 steps; 1e-3 relative leaves them room,
+    while a graph that missed the halving at epoch 31, replayed a stale batch or kept warm-up steps would
+    move the losses by more."""
+    args = ["--epochs", 32, "--dropout", 0, "--device", "cuda"]
+    ok(run(f"{method}.py", *args, "--out", tmp_path / "eager"))
+    ok(run(f"{method}.py", *args, "--fast", "--out", tmp_path / "fast"))
+    eager, fast = histories(metrics_of(tmp_path / "eager")), histories(metrics_of(tmp_path / "fast"))
+    assert len(eager) == len(fast) >= 32
+    for a, b in zip(eager, fast):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3), a["epoch"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3), a["epoch"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-6), a["epoch"]
+    for folder in (run_dirs(tmp_path / "eager")[0], run_dirs(tmp_path / "fast")[0]):
+        ok(check_lr(folder))
+        states = torch.load(folder / "model.pt", weights_only=True)["networks"]
+        assert all(t.device.type == "cpu" for s in states.values() for t in s.values())
