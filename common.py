@@ -5,6 +5,7 @@ one method script runs on its own, on the synthetic data and on your own .h5 fil
 and fastpath.py (--fast) are imported only when a run asks for them, and a missing one is named.
 """
 import argparse
+import collections
 import importlib
 import json
 import math
@@ -41,8 +42,7 @@ def show(value, width=60):  # a user's value in a message, cut to `width` charac
     return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
 
 
-def main_guard(main):
-    """Run main(); user errors become one line and exit status 2, Ctrl-C exit status 130."""
+def main_guard(main):  # user errors become one line and exit status 2, Ctrl-C exit status 130
     try:
         main()
     except UserError as e:
@@ -51,8 +51,7 @@ def main_guard(main):
         sys.exit(print("interrupted: no metrics.json was written for this run", file=sys.stderr) or 130)
 
 
-def optional_module(name, needed_for):
-    """openmic, sonyc or fastpath, imported on first use; when the file was not copied, say which."""
+def optional_module(name, needed_for):  # openmic, sonyc or fastpath on first use; a missing file is named
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -93,8 +92,7 @@ def table_default(table, key):  # 'default: Table I, openmic 3, sonyc 1'
     return "default: Table I, " + ", ".join(f"{d} {row[key]:g}" for d, row in table.items())
 
 
-def add_run_args(parser):
-    """The options every method script shares: which data, which seed, where to run and where to write."""
+def add_run_args(parser):  # the options every method script shares: data, seed, where to run and to write
     p = parser
     p.add_argument("--dataset", type=dataset_arg, default="synthetic", help="synthetic (embedded, no download), "
                    "openmic, sonyc, or a path to your own .h5 file (default: synthetic)")
@@ -118,8 +116,7 @@ class RunArgs(argparse.Namespace):
 
 
 def parse_args(parser, table, argv=None):
-    """Parse, then fill the options left at None from the dataset's row of Table I (synthetic data and
-    .h5 files use the OpenMIC row). A .h5 path is made absolute: the run is the same from any folder."""
+    """Parse; options left at None take the dataset's Table I row (OpenMIC's for .h5); an .h5 path becomes absolute."""
     args = parser.parse_args(argv, namespace=RunArgs())
     row = table["sonyc" if args.dataset == "sonyc" else "openmic"]
     args.defaults = {a.dest: row.get(a.dest, a.default) for a in parser._actions}
@@ -140,8 +137,7 @@ def seed_everything(seed):
 
 
 def get_device(name=None, threads=None, use=True):
-    """The device by name (default: cuda if available), checked before any data is read; torch's CPU threads.
-    A CUDA device becomes the current one: --fast's graph, streams and RNG all live there."""
+    """The device, checked before any data is read (cuda if none is named), made current: --fast's graph lives there."""
     if threads:
         torch.set_num_threads(threads)
         if threads > (os.cpu_count() or 1):
@@ -195,8 +191,7 @@ def check_writable(out, what="--out"):
 
 
 def claim_run_dir(args, method):
-    """The run's folder, checked before any training: its place can be written, and a finished run
-    already there is replaced only when it was made with the same settings (said so); otherwise refused."""
+    """The run's folder, checked before training: writable; a finished run is replaced only with its settings."""
     folder = Path(args.out) / run_name(args, method)
     check_writable(args.out)
     if (folder / "metrics.json").is_file():
@@ -280,12 +275,11 @@ def load_dataset(args, device):
         if empty.any():
             warn(f"no observed {s} label for class(es) {show([names[c] for c in np.flatnonzero(empty)], 120)}: "
                  f"their metrics are NaN, left out of the means")
-    tr = splits["train"]
-    print(f"data: {args.dataset} | train {len(tr.X)} val {len(splits['val'].X)} test {len(splits['test'].X)} clips"
-          f" | {tuple(tr.X.shape[1:])} frames x features, {str(tr.X.dtype).removeprefix('torch.')}"
-          f" | {len(names)} classes | {tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
-    return Data(splits["train"], splits["val"], splits["test"], list(names), scored,
-                info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
+    tr, va, te = splits.values()
+    print(f"data: {args.dataset} | train {len(tr.X)} val {len(va.X)} test {len(te.X)} clips | {tuple(tr.X.shape[1:])}"
+          f" frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes | "
+          f"{tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
+    return Data(tr, va, te, list(names), scored, info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
 
 
 def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018,
@@ -314,8 +308,7 @@ def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10
 
 
 def drop_labels(observed, rate, seed=DROP_SEED):
-    """Remove exactly `rate` of the observed training labels, uniformly at random (the paper's Fig. 5).
-    Seeded on its own (--drop-seed), so every method and training seed sees the same reduced labels."""
+    """Remove exactly `rate` of the observed training labels at random (Fig. 5), seeded apart (--drop-seed)."""
     observed = np.array(observed, bool)
     idx = np.flatnonzero(observed)
     drop = np.random.default_rng(seed).choice(idx, size=int(round(rate * len(idx))), replace=False)
@@ -327,8 +320,7 @@ MAX_INPUT = 1e15   # the model's batch statistics square its inputs in float32, 
 
 
 def compact(X, path, where=""):
-    """X in the width it keeps on the device (uint8 and float16 stay so, other numbers become float32; the
-    model makes float32 batches), checked: rank, dtype, sizes, finite values of a magnitude the model takes."""
+    """X checked (rank, dtype, sizes, finite and not huge), in the width it keeps: uint8, float16 or float32."""
     if X.ndim != 3 or 0 in X.shape[1:]:
         fail(f"{path}: X should be (N, T, D) with T, D >= 1, found {X.shape}" + (
             "; for one vector per clip, store X[:, None, :]" if X.ndim == 2 else ""))
@@ -353,11 +345,12 @@ def strings(values, path, name, unique=False, length=None):
     try:
         out = [v.decode() if isinstance(v, bytes) else v if isinstance(v, str) else fail(
             f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string") for v in values.tolist()]
-    except UnicodeDecodeError as e:
+        "".join(out).encode()   # h5py may hand back undecodable bytes as surrogates
+    except UnicodeError as e:
         fail(f"{path}: {name} holds a string that is not UTF-8 ({show(e.object[:40])})")
     if unique and (len(set(out)) < len(out) or "" in out):
-        dup = sorted({k for k in out if out.count(k) > 1}) if len(set(out)) < len(out) else ["''"]
-        fail(f"{path}: {name} must be unique and non-empty; found {show(dup[:3])} more than once or empty")
+        dup = [k for k, count in collections.Counter(out).items() if count > 1][:3] or [""]
+        fail(f"{path}: {name} must be unique and non-empty; found {show(dup)} more than once or empty")
     if length is not None and len(out) != length:
         fail(f"{path}: {name} has {len(out)} entries for {length} rows")
     return out
@@ -374,9 +367,8 @@ def labels01(values, path, name, shape):
 
 
 def load_h5(path, block_bytes=64 << 20):
-    """Your own embeddings: one .h5 with X (N, T, D), Y (N, C) 0/1, observed (N, C) bool or 0/1, split (N,)
-    train/val/test, optional keys (N,) and Y_full (N, C), attribute class_names (docs/data.md). All is checked
-    before use; X is read in blocks straight into each split in its compact width: no float32 copy."""
+    """Your own .h5 (docs/data.md), every part checked before use; X is read in blocks straight into each split
+    in its compact width, with no float32 copy. A file it cannot read or that breaks the layout: one line."""
     import h5py
     if not path.is_file():
         fail(f"no such file: {path}")
@@ -397,7 +389,7 @@ def _read_h5(f, path, block_bytes, h5py):
     d = {k: f[k] for k in ("X", "Y", "observed", "split", "keys", "Y_full") if k in f}
     for k in [k for k, v in d.items() if not isinstance(v, h5py.Dataset)]:
         fail(f"{path}: {k} should be a dataset, found a {type(d[k]).__name__}")
-    need = sum(v.size * v.dtype.itemsize for v in d.values())      # before anything is read
+    need = sum((v.size or 0) * v.dtype.itemsize for v in d.values())      # before anything is read
     if hasattr(os, "sysconf") and need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         fail(f"{path}: its arrays need {need / 2**30:.0f} GiB, more than this machine's memory")
     split = np.array(strings(d["split"][()], path, "split"))
@@ -408,7 +400,7 @@ def _read_h5(f, path, block_bytes, h5py):
     rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     for s in [s for s, r in rows.items() if len(r) == 0]:
         fail(f"{path}: no rows with split '{s}'")
-    shape = (n, len(names))
+    shape = (n, len(names)) if names else fail(f"{path}: class_names is empty: no class to learn")
     obs = labels01(d["observed"][()], path, "observed", shape)
     Y = d["Y"][()]
     if not isinstance(Y, np.ndarray) or Y.dtype.kind not in "biuf" or Y.shape != shape:
@@ -452,11 +444,8 @@ class AttentionMIL(nn.Module):
         self.register_buffer("input_offset", vector(input_offset))   # (D,)
         self.register_buffer("input_scale", vector(input_scale))     # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
-        blocks, d = [], n_features
-        for _ in range(layers):
-            blocks.append(nn.ModuleList([nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden)]))
-            d = hidden
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.Linear(hidden if i else n_features, hidden, bias=False),
+                                                   nn.BatchNorm1d(hidden)]) for i in range(layers))
         self.dropout = dropout
         # The residual needs matching widths; project the input only where they differ.
         self.shortcut = nn.Identity() if n_features == hidden else nn.Linear(n_features, hidden, bias=False)

@@ -9,6 +9,7 @@ prints the fine and coarse micro/macro AUPRC and micro-F1 as JSON. `common.load_
 `load_sonyc` for `--dataset sonyc`. Errors are raised as DataError, one line each.
 """
 import argparse
+import collections
 import csv
 import hashlib
 import json
@@ -43,27 +44,30 @@ COARSE_COL = re.compile(r"^(\d+)_(.+)_presence$")
 #  Annotations: one target per clip, as the DCASE 2020 baseline (and the paper's code)
 #####################################################################################
 
-def read_annotations(csv_path):
-    """Parse annotations.csv by column name. Returns (rows, taxonomy), where rows is a list of
-    (split, audio_filename, annotator_id, presence vector over taxonomy['columns'])."""
-    try:
-        with open(csv_path, newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            table = list(reader)
-    except (OSError, StopIteration, csv.Error, UnicodeDecodeError) as e:
-        fail(f"cannot read {csv_path}: {e}")
-    col = {name: i for i, name in enumerate(header)}
-    missing = [c for c in ("split", "audio_filename", "annotator_id") if c not in col]
+def show(value, width=60):  # a value from the file in a message, cut to `width` characters
+    return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
+
+
+def taxonomy(header, csv_path):
+    """The fine and coarse tags named by the header, checked: every fine tag's group has its coarse column,
+    every coarse group at least one complete fine tag, no tag twice."""
     fine = sorted((int(m[1]), m[2], m[0]) for m in map(FINE_COL.match, header) if m)
     coarse = sorted((int(m[1]), m[0]) for m in map(COARSE_COL.match, header) if m)
-    if not fine:
-        missing.append("<c>-<f>_<name>_presence (fine tags)")
-    if not coarse:
-        missing.append("<c>_<name>_presence (coarse tags)")
+    missing = [c for c in ("split", "audio_filename", "annotator_id") if c not in header]
+    missing += [] if fine else ["<c>-<f>_<name>_presence (fine tags)"]
+    missing += [] if coarse else ["<c>_<name>_presence (coarse tags)"]
     if missing:
         fail(f"{csv_path}: missing required column(s) {missing}")
+    twice = sorted({f"{c}-{f}" for c, f, _ in fine if sum(1 for d, g, _ in fine if (d, g) == (c, f)) > 1}
+                   | {str(c) for c, _ in coarse if sum(1 for d, _ in coarse if d == c) > 1})
+    if twice:
+        fail(f"{csv_path}: tag(s) {show(twice)} have more than one presence column")
     groups = [c for c, _ in coarse]
+    orphans = sorted({c for c, _, _ in fine} - set(groups))
+    empty = sorted(set(groups) - {c for c, f, _ in fine if f != "X"})
+    if orphans or empty:
+        fail(f"{csv_path}: the fine tags of group(s) {orphans} have no coarse presence column" if orphans else
+             f"{csv_path}: coarse group(s) {empty} have no complete fine tag")
     complete = [(c, name) for c, f, name in fine if f != "X"]
     tax = dict(
         coarse_names=[name[:-len("_presence")] for _, name in coarse],
@@ -72,27 +76,57 @@ def read_annotations(csv_path):
         all_fine_names=[name[:-len("_presence")] for _, _, name in fine],
         x_groups=[groups.index(c) for c, f, _ in fine if f == "X"],
     )
-    tax["columns"] = cols = ([name for _, name in complete] + [name for c, f, name in fine if f == "X"]
-                             + [name for _, name in coarse])
-    rows = []
+    tax["columns"] = [name for _, name in complete] + [name for c, f, name in fine if f == "X"] + \
+        [name for _, name in coarse]
+    return tax
+
+
+def read_annotations(csv_path):
+    """Parse annotations.csv by column name, every value checked. Returns (rows, taxonomy), where rows is a
+    list of (split, audio_filename, annotator_id, presence vector over taxonomy['columns'])."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:   # a BOM (a spreadsheet's save) is accepted
+            reader = csv.reader(fh)
+            header = next(reader)
+            table = list(reader)
+    except (OSError, StopIteration, csv.Error, UnicodeDecodeError) as e:
+        fail(f"cannot read {csv_path}: {type(e).__name__}: {show(str(e), 100)}")
+    header = [h.strip() for h in header]
+    if len(set(header)) < len(header):
+        fail(f"{csv_path}: column {show(collections.Counter(header).most_common(1)[0][0])} appears twice")
+    tax = taxonomy(header, csv_path)
+    col = {name: i for i, name in enumerate(header)}
+    rows, split_of, clip_of = [], {}, {}
     for line, r in enumerate(table, start=2):
         if len(r) != len(header):
             fail(f"{csv_path}, line {line}: {len(r)} fields, header has {len(header)}")
         vals = []
-        for name in cols:
+        for name in tax["columns"]:
             v = r[col[name]].strip()
             try:
                 x = float(v)
             except ValueError:
                 x = None
             if x not in (-1.0, 0.0, 1.0):
-                fail(f"{csv_path}, line {line}: {name} is {v!r}; presence must be -1, 0 or 1")
+                fail(f"{csv_path}, line {line}: {name} is {show(v)}; presence must be -1, 0 or 1")
             vals.append(int(x))
+        split, fname, annotator = (r[col[k]].strip() for k in ("split", "audio_filename", "annotator_id"))
         try:
-            annotator = int(float(r[col["annotator_id"]]))
-        except ValueError:
-            fail(f"{csv_path}, line {line}: annotator_id is {r[col['annotator_id']]!r}, not a number")
-        rows.append((r[col["split"]].strip(), r[col["audio_filename"]].strip(), annotator, vals))
+            ok = float(annotator).is_integer()
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            fail(f"{csv_path}, line {line}: annotator_id is {show(annotator)}, not an integer")
+        if split not in ("train", "validate", "test"):
+            fail(f"{csv_path}, line {line}: split is {show(split)}; expected train, validate or test")
+        if not fname or fname in (".", "..") or any(c in fname for c in "/\\\0") or len(fname.encode()) > 250:
+            fail(f"{csv_path}, line {line}: audio_filename {show(fname)} is not a file name")
+        if split_of.setdefault(fname, split) != split:
+            fail(f"{csv_path}, line {line}: {show(fname)} is in both {split_of[fname]} and {split}")
+        if clip_of.setdefault(Path(fname).stem, fname) != fname:
+            fail(f"{csv_path}, line {line}: {show(fname)} and {show(clip_of[Path(fname).stem])} would share one "
+                 f"embedding file, {Path(fname).stem}.npz")
+        rows.append((split, fname, int(float(annotator)), vals))
     return rows, tax
 
 
@@ -153,7 +187,8 @@ def load_sonyc(root, level, write_atomic=None):
         if not files:
             fail(f"{csv_path}: no usable '{split}' clips (train needs crowd rows, validate/test a verified row)")
         Y, observed, _ = targets(values, tax, level)
-        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files, extra=truth_of(values, tax))
+        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files,
+                         extra=truth_of(values, tax))
         start += len(files)
     total, squares, count = 0.0, 0.0, 0
     for i in range(0, len(out["train"]["X"]), 1024):          # float64 sums, 1,024 clips at a time
@@ -185,42 +220,65 @@ def _cache_key(root, clips, csv_hash):
     return h.hexdigest()
 
 
+def read_embedding(path, shape):
+    """`embedding` of one openl3 .npz, without pickle, its header checked against `shape` before anything is
+    read. Returns (array, None), or (None, what is wrong)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("embedding.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[version]
+            got, fortran, dtype = read_header(fh)
+            if got != shape or dtype.kind not in "fiu":
+                return None, f"{got} {dtype}"
+            n = int(np.prod(shape)) * dtype.itemsize
+            data = fh.read(n + 1)                  # to the member's end: its CRC is checked
+            if len(data) != n:
+                return None, "damaged (its size does not match its header)"
+            e = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    except Exception as e:   # not a zip, no embedding member, a damaged header, zip or CRC
+        return None, f"unreadable ({type(e).__name__})"
+    return (e, None) if np.isfinite(e).all() else (None, "NaN or inf")
+
+
 def load_embeddings(root, clips, csv_hash, shape=(11, 512), write_atomic=None):
-    """Read embeddings/<clip>.npz for every clip (no pickle: allow_pickle=False), through a cache
-    file next to the data, embeddings_cache.h5, keyed by _cache_key."""
+    """Read embeddings/<clip>.npz for every clip through a cache file next to the data,
+    embeddings_cache.h5, keyed by _cache_key; a cache that is damaged in any way is rebuilt."""
     import h5py
     key = _cache_key(root, clips, csv_hash)
     cache = root / "embeddings_cache.h5"
     if cache.is_file():
         try:
             with h5py.File(cache, "r") as f:
-                if f.attrs.get("key") == key and f["X"].shape == (len(clips),) + shape:
-                    return f["X"][()]
-        except (OSError, KeyError):
+                X = f.get("X")
+                if isinstance(f.attrs.get("key"), str) and f.attrs["key"] == key and isinstance(X, h5py.Dataset) \
+                        and X.dtype == np.float32 and X.shape == (len(clips),) + shape and X.fletcher32:
+                    X = X[()]   # its checksum (fletcher32) is verified as it is read
+                    if np.isfinite(X).all():
+                        return X
+        except Exception:
             pass  # unreadable cache: rebuild it
     X = np.zeros((len(clips),) + shape, np.float32)
-    absent, misshaped = [], []
+    absent, bad = [], []
     for i, clip in enumerate(clips):
         path = root / "embeddings" / (Path(clip).stem + ".npz")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                e = z["embedding"]
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        if not path.is_file():
             absent.append(path.name)
             continue
-        if e.shape != shape or e.dtype.kind not in "fiu" or not np.isfinite(e).all():
-            misshaped.append(f"{path.name} {e.shape} {e.dtype}")
+        e, problem = read_embedding(path, shape)
+        if problem:
+            bad.append(f"{path.name}: {problem}")
             continue
         X[i] = e
     if absent:
-        fail(f"{root / 'embeddings'}: {len(absent)} embedding file(s) absent or unreadable, first {absent[:5]}\n"
+        fail(f"{root / 'embeddings'}: {len(absent)} embedding file(s) absent, first {show(absent[:3], 100)}\n"
              + LAYOUT.format(root=root))
-    if misshaped:
-        fail(f"{root / 'embeddings'}: {len(misshaped)} embedding(s) not {shape} finite numbers, first {misshaped[:5]}")
+    if bad:
+        fail(f"{root / 'embeddings'}: {len(bad)} embedding(s) not {shape} finite numbers, first {show(bad[:2], 150)}")
 
     def write(p):
         with h5py.File(p, "w") as f:
-            f.create_dataset("X", data=X)
+            f.create_dataset("X", data=X, chunks=True, fletcher32=True)
             f.attrs["key"] = key
     if write_atomic is not None:
         try:

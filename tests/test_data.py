@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import zipfile
 
 import h5py
 import numpy as np
@@ -342,3 +343,270 @@ def test_synthetic_data_is_partially_labelled_and_fixed():
     assert 0.08 < d.train.observed.float().mean().item() < 0.14
     assert d.train.Y[d.train.observed].mean().item() > 2 * d.train.Y_full.mean().item()   # positives over-represented
     assert torch.equal(load("synthetic").train.X, d.train.X)
+
+
+#####  Every corruption that once escaped: one line, exit 2, or it loads as it should  ######################
+
+def rewrite_npz(path, **changes):
+    with np.load(path, allow_pickle=True) as z:      # our own fixture
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def rewrite_member(path, name, edit):
+    """Rewrite one member of an .npz (bytes -> bytes), or rename it when `edit` is a str."""
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, data in members.items():
+            if n == name:
+                n, data = (edit, data) if isinstance(edit, str) else (n, edit(data))
+            zf.writestr(n, data)
+
+
+class HugeArray:
+    """Unpickles as numpy.ndarray((10**12,), object): terabytes, from a file of a few hundred bytes."""
+    def __reduce__(self):
+        return np.ndarray, ((10 ** 12,), np.dtype("O"))
+
+
+OPENMIC_CASES = {
+    "partition with a non-UTF-8 byte": (lambda r, raw: (r / "partitions/split01_train.csv").write_bytes(
+        (r / "partitions/split01_train.csv").read_bytes() + b"\xff\n"), ["split01_train.csv", "UTF-8"]),
+    "partition saved as UTF-16": (lambda r, raw: (r / "partitions/split01_test.csv").write_bytes(
+        (r / "partitions/split01_test.csv").read_text().encode("utf-16")), ["split01_test.csv"]),
+    "Y_true as strings": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(str)),
+                          ["Y_true", "expected numbers"]),
+    "Y_true NaN": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=np.where(raw["mask"], np.nan, 0.5)),
+                   ["Y_true should be confidences in [0, 1]"]),
+    "Y_true above 1": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"] * 3), ["Y_true"]),
+    "Y_true complex": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(complex)),
+                       ["Y_true"]),
+    "Y_mask 0.5": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_mask=raw["mask"] * 0.5), ["Y_mask"]),
+    "Y_mask as 'True'/'False'": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_mask=raw["mask"].astype(str)),
+                                 ["Y_mask"]),
+    "class-map null": (lambda r, raw: (r / "class-map.json").write_text("null"), ["class-map.json"]),
+    "class-map a list": (lambda r, raw: (r / "class-map.json").write_text("[1, 2]"), ["class-map.json"]),
+    "class-map 100,000 nested [": (lambda r, raw: (r / "class-map.json").write_text("[" * 100000),
+                                   ["class-map.json"]),
+    "class-map null values": (lambda r, raw: (r / "class-map.json").write_text(
+        json.dumps({c: None for c in OPENMIC_CLASSES})), ["class-map.json"]),
+    "class-map indices all 0": (lambda r, raw: (r / "class-map.json").write_text(
+        json.dumps({c: 0 for c in OPENMIC_CLASSES})), ["class-map.json"]),
+    "class-map a name twice": (lambda r, raw: (r / "class-map.json").write_text(
+        json.dumps({c: i for i, c in enumerate(OPENMIC_CLASSES)})[:-1] + ', "bass": 7}'), ["named twice"]),
+    "member without .npy": (lambda r, raw: rewrite_member(r / "openmic-2018.npz", "X.npy", "X"),
+                            ["missing array(s) ['X']"]),
+    "npy header without its }": (lambda r, raw: rewrite_member(
+        r / "openmic-2018.npz", "Y_true.npy", lambda d: d.replace(b"}", b" ", 1)), ["cannot read"]),
+    "compression method 99": (None, ["cannot read", "NotImplementedError"]),
+    "sample_key asking for terabytes": (lambda r, raw: rewrite_npz(
+        r / "openmic-2018.npz", sample_key=np.array([HugeArray()] + list(raw["keys"][1:]), dtype=object)),
+        ["refused", "sample_key"]),
+    "a sample key twice": (lambda r, raw: rewrite_npz(
+        r / "openmic-2018.npz", sample_key=np.array([raw["keys"][1]] + list(raw["keys"][1:]), dtype=object)),
+        ["sample_key must be unique"]),
+    "a key in train and test": (lambda r, raw: (r / "partitions/split01_test.csv").write_text(
+        "".join(k + "\n" for k in list(raw["test_keys"]) + [raw["train_keys"][0]])), ["in both train and test"]),
+    "a key twice in a partition": (lambda r, raw: (r / "partitions/split01_test.csv").write_text(
+        "".join(k + "\n" for k in list(raw["test_keys"]) * 2)), ["listed twice"]),
+    "one train key": (lambda r, raw: (r / "partitions/split01_train.csv").write_text(raw["train_keys"][0]),
+                      ["1 train key(s)"]),
+    "no frames": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", X=raw["X"][:, :0]), ["X should be"]),
+}
+
+
+@pytest.mark.parametrize("case", OPENMIC_CASES)
+def test_openmic_corruption(case, tmp_path):
+    root, raw = write_openmic(tmp_path)
+    edit, words = OPENMIC_CASES[case]
+    if case == "compression method 99":                # a method zipfile cannot decompress
+        data = bytearray((root / "openmic-2018.npz").read_bytes())
+        for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):   # local and central headers
+            at = data.find(sig)
+            while at >= 0:
+                data[at + offset:at + offset + 2] = (99).to_bytes(2, "little")
+                at = data.find(sig, at + 4)
+        (root / "openmic-2018.npz").write_bytes(bytes(data))
+    else:
+        edit(root, raw)
+    err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
+    assert len(err) < 300
+    for w in words:
+        assert w in err
+
+
+@pytest.mark.parametrize("variant", ["BOM and CRLF", "2 train keys"])
+def test_openmic_variants_that_load(variant, tmp_path):
+    root, raw = write_openmic(tmp_path)
+    path = root / "partitions" / "split01_train.csv"
+    if variant == "BOM and CRLF":
+        path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(raw["train_keys"]).encode())
+        assert len(load("openmic", tmp_path).train.X) == 51
+    else:
+        path.write_text("\n".join(raw["train_keys"][:2]))
+        d = load("openmic", tmp_path)
+        assert (len(d.train.X), len(d.val.X)) == (1, 1)
+
+
+def edit_csv(root, edit):
+    path = root / "annotations.csv"
+    with open(path, newline="") as fh:
+        table = list(csv.reader(fh))
+    table = edit(table) or table
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(table)
+
+
+def set_cell(row, column, value):
+    def edit(table):
+        table[row][table[0].index(column)] = value
+    return edit
+
+
+def drop_column(name):
+    return lambda table: [r[:table[0].index(name)] + r[table[0].index(name) + 1:] for r in table]
+
+
+SONYC_CASES = {
+    "coarse column removed, fine ones kept": (drop_column("3_non-machinery-impact_presence"),
+                                              ["group(s) [3] have no coarse presence column"]),
+    "a fine tag twice": (lambda t: [r + [r[t[0].index("1-1_small-sounding-engine_presence")]] for r in t][:1] and
+                         [t[0] + ["1-1_small-sounding-engine-again_presence"]] + [r + ["0"] for r in t[1:]],
+                         ["more than one presence column"]),
+    "annotator_id inf": (set_cell(1, "annotator_id", "inf"), ["annotator_id is 'inf'"]),
+    "annotator_id 1e400": (set_cell(1, "annotator_id", "1e400"), ["annotator_id"]),
+    "annotator_id 0.5": (set_cell(1, "annotator_id", "0.5"), ["not an integer"]),
+    "split dev": (set_cell(1, "split", "dev"), ["split is 'dev'"]),
+    "split Train": (set_cell(1, "split", "Train"), ["split is 'Train'"]),
+    "split empty": (set_cell(1, "split", ""), ["split is ''"]),
+    "NUL in a file name": (set_cell(1, "audio_filename", "00_00\0001.wav"), ["audio_filename"]),
+    "a clip in two splits": (set_cell(9, "audio_filename", "00_000001.wav"), ["in both train and test"]),
+    "two file names, one embedding": (set_cell(2, "audio_filename", "00_000001.flac"), ["share one embedding"]),
+}
+
+
+@pytest.mark.parametrize("case", SONYC_CASES)
+def test_sonyc_annotation_corruption(case, tmp_path, sonyc):
+    edit, words = SONYC_CASES[case]
+    edit_csv(sonyc, edit)
+    err = refused(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"), *words)
+    assert len(err) < 300
+
+
+@pytest.mark.parametrize("case", ["bare .npy", "member without .npy", "header without its }"])
+def test_sonyc_embedding_corruption(case, tmp_path, sonyc):
+    path = sonyc / "embeddings" / "02_000007.npz"
+    if case == "bare .npy":
+        np.save(tmp_path / "e.npy", np.zeros((11, 512), np.float32))
+        (tmp_path / "e.npy").replace(path)
+    else:
+        rewrite_member(path, "embedding.npy", "embedding" if case == "member without .npy" else
+                       lambda d: d.replace(b"}", b" ", 1))
+    refused(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"),
+            "02_000007.npz", "unreadable")
+
+
+def test_sonyc_header_with_a_bom_loads(tmp_path, sonyc):
+    path = sonyc / "annotations.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())     # the first column is a coarse one
+    assert load("sonyc", tmp_path).class_names[0] == "1-1_small-sounding-engine"
+
+
+@pytest.mark.parametrize("damage", ["key an array", "X a group", "X bytes", "X bit flip"])
+def test_a_damaged_sonyc_cache_is_rebuilt(damage, tmp_path, sonyc):
+    first = load("sonyc", tmp_path)
+    with h5py.File(sonyc / "embeddings_cache.h5", "a") as f:
+        if damage == "key an array":
+            f.attrs["key"] = np.arange(3)
+        elif damage == "X bit flip":
+            X = f["X"]
+            X[0, 0, 0] = X[0, 0, 0] + 1.0                  # written through h5py: its checksum is updated ...
+    if damage == "X bit flip":                             # ... so flip a stored byte behind its back
+        data = bytearray((sonyc / "embeddings_cache.h5").read_bytes())
+        at = data.find(np.float32(first.train.X[0, 0, 1]).tobytes())
+        data[at] ^= 1
+        (sonyc / "embeddings_cache.h5").write_bytes(bytes(data))
+    elif damage != "key an array":
+        with h5py.File(sonyc / "embeddings_cache.h5", "a") as f:
+            del f["X"]
+            f.create_group("X") if damage == "X a group" else f.create_dataset("X", data=np.array([b"a", b"b"]))
+    assert torch.equal(load("sonyc", tmp_path).train.X, first.train.X)
+
+
+def edit_h5(path, key, value):
+    with h5py.File(path, "a") as f:
+        if key == "class_names":
+            f.attrs["class_names"] = value
+            return
+        del f[key]
+        if isinstance(value, str) and value == "group":
+            f.create_group(key)
+        elif value is not None:
+            f[key] = value
+
+
+H5_CASES = {
+    "a key not UTF-8": ("keys", np.array([b"\xff\xfe"] + [f"clip{i}".encode() for i in range(1, 60)]), ["not UTF-8"]),
+    "a split not UTF-8": ("split", np.array([b"\xff"] + [b"train"] * 29 + [b"val"] * 15 + [b"test"] * 15),
+                          ["not UTF-8"]),
+    "class_names not UTF-8": ("class_names", [b"\xff", b"b", b"c", b"d", b"e"], ["not UTF-8"]),
+    "keys empty": ("keys", h5py.Empty("S5"), ["keys should be a 1-D array of strings"]),
+    "split empty": ("split", h5py.Empty("S5"), ["split should be a 1-D array of strings"]),
+    "class_names a number": ("class_names", 5, ["class_names should be a 1-D array of strings"]),
+    "class_names one string": ("class_names", "tag", ["class_names should be a 1-D array of strings"]),
+    "class_names none": ("class_names", np.array([], dtype="S1"), ["class_names is empty"]),
+    "class_names twice": ("class_names", ["a", "a", "b", "c", "d"], ["class_names must be unique"]),
+    "X a dangling link": ("X", h5py.SoftLink("/nowhere"), ["X"]),
+    "Y an external link to a missing file": ("Y", h5py.ExternalLink("missing.h5", "/Y"), ["Y"]),
+    "Y strings": ("Y", np.full((60, 5), b"1"), ["Y should be (60, 5) numbers"]),
+    "Y compound": ("Y", np.zeros((60, 5), dtype=[("a", "f4"), ("b", "i4")]), ["Y should be"]),
+    "Y opaque": ("Y", np.void(b"\x00" * 8), ["Y should be"]),
+    "Y 2 where observed": ("Y", np.full((60, 5), 2.0), ["Y where observed should hold only 0 and 1"]),
+    "observed a group": ("observed", "group", ["observed should be a dataset"]),
+    "observed empty": ("observed", np.zeros((0, 5), bool), ["observed should be (60, 5)"]),
+    "observed compound": ("observed", np.zeros((60, 5), dtype=[("a", "f4")]), ["observed should be"]),
+    "observed 'True'/'False'": ("observed", np.full((60, 5), b"True"), ["observed should be"]),
+    "observed 0.5": ("observed", np.full((60, 5), 0.5), ["observed should hold only 0 and 1"]),
+    "X 0-d": ("X", np.float32(1), ["X should be"]),
+    "X empty": ("X", np.zeros((0, 4, 16), np.float32), ["X should be"]),
+    "X without frames": ("X", np.zeros((60, 0, 16), np.float32), ["X should be (N, T, D) with T, D >= 1"]),
+    "keys one short": ("keys", np.array([f"clip{i}".encode() for i in range(59)]), ["keys has 59 entries"]),
+    "keys one long": ("keys", np.array([f"clip{i}".encode() for i in range(61)]), ["keys has 61 entries"]),
+    "a key twice": ("keys", np.array([b"clip1"] + [f"clip{i}".encode() for i in range(1, 60)]),
+                    ["keys must be unique"]),
+    "Y_full against Y": ("Y_full", np.zeros((60, 5), bool), ["Y_full differs from Y"]),
+}
+
+
+@pytest.mark.parametrize("case", H5_CASES)
+def test_h5_corruption(case, tmp_path):
+    key, value, words = H5_CASES[case]
+    path = write_h5(tmp_path / "x.h5", full_truth=case == "Y_full against Y")
+    if case == "Y_full against Y":
+        with h5py.File(path, "a") as f:
+            value = ~f["Y_full"][()]
+    edit_h5(path, key, value)
+    err = bad(tmp_path, "--dataset", path)
+    assert len(err) < 300
+    for w in words:
+        assert w in err
+
+
+def test_h5_with_its_first_4_kib_zeroed(tmp_path):
+    path = write_h5(tmp_path / "x.h5")
+    data = bytearray(path.read_bytes())
+    data[:4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    assert "cannot read" in bad(tmp_path, "--dataset", path)
+
+
+def test_unobserved_labels_may_hold_anything_numeric(tmp_path):
+    path = write_h5(tmp_path / "x.h5")
+    with h5py.File(path, "a") as f:
+        Y = f["Y"][()]
+        Y[~f["observed"][()]] = np.nan                     # documented: ignored where not observed
+        del f["Y"]
+        f["Y"] = Y
+    assert len(load(path).train.X) == 30
