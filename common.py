@@ -1,9 +1,6 @@
 """Shared infrastructure of the method scripts: command line and run setup, data, model, metrics, results.
-
-No loss and no training step live here: each method script holds its whole method. This file plus any
-one method script runs on its own, on the synthetic data and on your own .h5 file; openmic.py, sonyc.py
-and fastpath.py (--fast) are imported only when a run asks for them, and a missing one is named.
-"""
+No loss and no training step: each method script holds its whole method. This file and one method script run
+on their own; openmic.py, sonyc.py and fastpath.py (--fast) are imported only when a run asks for them."""
 import argparse
 import collections
 import importlib
@@ -12,6 +9,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,10 +86,6 @@ def float_in(lo, hi, hi_open=False):
     return number
 
 
-def table_default(table, key):  # 'default: Table I, openmic 3, sonyc 1'
-    return "default: Table I, " + ", ".join(f"{d} {row[key]:g}" for d, row in table.items())
-
-
 def add_run_args(parser):  # the options every method script shares: data, seed, where to run and to write
     p = parser
     p.add_argument("--dataset", type=dataset_arg, default="synthetic", help="synthetic (embedded, no download), "
@@ -132,8 +126,7 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True  # (and cudnn.benchmark stays False, its default)
 
 
 def get_device(name=None, threads=None, use=True):
@@ -158,9 +151,8 @@ def get_device(name=None, threads=None, use=True):
 def run_name(args, method):
     """{dataset}__{method}__seed{seed}, then each option that differs from its default and can change the
     result (__drop0.4, __lr0.005, __gamma50, __teacher-observed, __epochs20, ...): settings never share a folder."""
-    name = Path(args.dataset).stem if args.dataset not in DATASETS else \
-        "sonyc_coarse" if args.dataset == "sonyc" and args.level == "coarse" else args.dataset
-    name += f"__{method}__seed{args.seed}"
+    name = (Path(args.dataset).stem if args.dataset not in DATASETS else "sonyc_coarse" if args.dataset == "sonyc"
+            and args.level == "coarse" else args.dataset) + f"__{method}__seed{args.seed}"
     short = dict(drop_rate="drop", drop_seed="dropseed", teacher_selection="teacher-")
     for key in ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]:
         value = getattr(args, key)
@@ -207,15 +199,8 @@ def claim_run_dir(args, method):
 
 
 def fast_step(step, example_batch, device, enabled, state=()):
-    """`step` itself, or with --fast on CUDA a replay of it captured in a CUDA graph (fastpath.py)."""
-    if not enabled:
-        return step
-    if device.type != "cuda":
-        print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
-        return step
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        fail(f"--fast needs torch >= 2.4 (its schedulers update a tensor learning rate); this is {torch.__version__}")
-    return optional_module("fastpath", "--fast").capture(step, example_batch, device, state)
+    """`step` itself, or with --fast a replay of it captured in a CUDA graph (fastpath.py)."""
+    return optional_module("fastpath", "--fast").capture(step, example_batch, device, state) if enabled else step
 
 
 #####  Data  #######################################################################################
@@ -338,7 +323,7 @@ def compact(X, path, where=""):
     return out
 
 
-def strings(values, path, name, unique=False, length=None):
+def strings(values, path, name, unique=False):
     """A 1-D array of HDF5 strings (bytes or str, as written) as a list of str; anything else is refused."""
     if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "SUO":
         fail(f"{path}: {name} should be a 1-D array of strings, found {show(values)}")
@@ -351,8 +336,6 @@ def strings(values, path, name, unique=False, length=None):
     if unique and (len(set(out)) < len(out) or "" in out):
         dup = [k for k, count in collections.Counter(out).items() if count > 1][:3] or [""]
         fail(f"{path}: {name} must be unique and non-empty; found {show(dup)} more than once or empty")
-    if length is not None and len(out) != length:
-        fail(f"{path}: {name} has {len(out)} entries for {length} rows")
     return out
 
 
@@ -366,12 +349,31 @@ def labels01(values, path, name, shape):
     return values.astype(bool)
 
 
+H5_PROBE = ("import sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"     # every attribute and dataset, X in blocks
+            "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n if isinstance(obj, h5py.Dataset):\n"
+            "  [obj[i:i + 65536] for i in range(0, len(obj), 65536)] if obj.shape else obj[()]\n"
+            "visit('/', f)\nf.visititems(visit)")
+
+
+def probe_h5(path):
+    """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
+    try:
+        limit = 10 + path.stat().st_size / 20e6     # seconds: 20 MB/s at the least
+        crash = subprocess.run([sys.executable, "-c", H5_PROBE, str(path)], capture_output=True,
+                               timeout=limit).returncode < 0
+    except subprocess.TimeoutExpired:
+        crash = True
+    if crash:
+        fail(f"cannot read {path}: the HDF5 library hung or crashed reading it (in a child process): a damaged file?")
+
+
 def load_h5(path, block_bytes=64 << 20):
     """Your own .h5 (docs/data.md), every part checked before use; X is read in blocks straight into each split
     in its compact width, with no float32 copy. A file it cannot read or that breaks the layout: one line."""
     import h5py
     if not path.is_file():
         fail(f"no such file: {path}")
+    probe_h5(path)
     try:
         with h5py.File(path, "r") as f:
             return _read_h5(f, path, block_bytes, h5py)
@@ -409,7 +411,9 @@ def _read_h5(f, path, block_bytes, h5py):
     Y_full = labels01(d["Y_full"][()], path, "Y_full", shape) if "Y_full" in d else None
     if Y_full is not None and (Y_full[obs] != (Y[obs] == 1)).any():
         fail(f"{path}: Y_full differs from Y where the label is observed")
-    keys = strings(d["keys"][()], path, "keys", unique=True, length=n) if "keys" in d else None
+    keys = strings(d["keys"][()], path, "keys", unique=True) if "keys" in d else None
+    if keys is not None and len(keys) != n:
+        fail(f"{path}: keys has {len(keys)} entries for {n} rows")
     dset = d["X"]
     if dset.ndim < 1 or dset.shape[0] != n:
         fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
@@ -586,7 +590,7 @@ os.umask(_UMASK)
 
 def write_atomic(path, write):
     """Write through a temp file in the same folder, then rename: never a half-written file; 0666 less umask."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -632,14 +636,10 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
         arrays["labels_full_truth"] = test.Y_full.cpu().numpy()
     if test.keys is not None:
         arrays["keys"] = np.array(test.keys)
-
-    def write_npz(p):
-        with open(p, "wb") as fh:
-            np.savez(fh, **arrays)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
-        write_atomic(folder / "test_predictions.npz", write_npz)
+        write_atomic(folder / "test_predictions.npz", lambda p: np.savez(p, **arrays))
         if "sonyc" in data.info:
             sonyc = optional_module("sonyc", "--dataset sonyc")
             write_atomic(folder / "test_predictions.csv", lambda p: sonyc.write_submission(

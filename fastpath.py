@@ -1,10 +1,12 @@
 """--fast: one training step captured in a CUDA graph and replayed without Python overhead.
 
-Optional and CUDA-only: the method scripts reach it through common.fast_step, and their step reads the
-same with or without it. It needs torch >= 2.4, whose learning-rate schedulers update a tensor learning
-rate in place (common.fast_step checks), and the step must make no host sync: no .item(), no
+Optional and CUDA-only (on a CPU it says so and returns the eager step): the method scripts reach it through
+common.fast_step, and their step reads the same with or without it. It needs torch >= 2.4, whose learning-
+rate schedulers update a tensor learning rate in place, and a step without host syncs: no .item(), no
 tensor-to-number conversion (tests/test_methods.py traces every method's step on the CPU for that).
 """
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -18,7 +20,7 @@ def make_capturable(optimizer, device):
 
 
 def capture(step, example_batch, device, state):
-    """A replay of `step` captured in a CUDA graph on `device`.
+    """A replay of `step` captured in a CUDA graph on `device` (on a CPU, `step` itself).
 
     `step(*batch)` does a whole training step (forward, backward, optimizer step, any EMA) on fixed-shape
     tensors and returns the loss tensor. `state` lists what a step changes (modules, optimizers, tensors).
@@ -27,6 +29,13 @@ def capture(step, example_batch, device, state):
     the same dropout masks and batch orders as the eager run with the same seed. What still differs from
     eager is the optimizer's arithmetic: fused, capturable Adam rounds differently from the default one.
     """
+    if device.type != "cuda":
+        print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
+        return step
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        print(f"error: --fast needs torch >= 2.4 (its schedulers update a tensor learning rate in place); this is "
+              f"torch {torch.__version__}", file=sys.stderr)
+        raise SystemExit(2)
     optimizers = [s for s in state if isinstance(s, torch.optim.Optimizer)]
     for optimizer in optimizers:
         make_capturable(optimizer, device)

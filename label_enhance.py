@@ -65,20 +65,20 @@ def percentage(value):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Label enhancement: a B0 teacher decides which missing labels are "
-                                "negatives.", allow_abbrev=False)
+                                "negatives.", allow_abbrev=False,
+                                epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}")
     p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
     p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
                    help="Adam learning rate, halved every 30 epochs (default: 0.001)")
     p.add_argument("--layers", type=common.positive_int,
-                   help=f"hidden layers L ({common.table_default(TABLE_I, 'layers')})")
+                   help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int,
-                   help=f"hidden width H ({common.table_default(TABLE_I, 'hidden')})")
+                   help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
-                   help=f"dropout ({common.table_default(TABLE_I, 'dropout')})")
+                   help="dropout (default: Table I, below)")
     p.add_argument("--gamma", type=percentage,
-                   help=f"percentile gamma, in %%, of the teacher's scores on missing labels "
-                        f"({common.table_default(TABLE_I, 'gamma')})")
+                   help="percentile gamma, in %%, of the teacher's scores on missing labels (default: Table I, below)")
     p.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
                    help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the loss "
                         "it trains on; observed = over observed labels only, as the paper's code (default: b0)")

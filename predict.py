@@ -50,11 +50,12 @@ def read_input(path):
     try:
         if path.suffix in (".h5", ".hdf5"):
             import h5py
+            common.probe_h5(path)
             with h5py.File(path, "r") as f:
                 if not isinstance(f.get("X"), h5py.Dataset):
                     common.fail(f"{path}: no dataset X (N, T, D); found {common.show(list(f), 100)}")
                 X = f["X"][()]
-                keys = common.strings(f["keys"][()], path, "keys", length=len(X)) if "keys" in f else None
+                keys = common.strings(f["keys"][()], path, "keys") if "keys" in f else None
         else:
             with np.load(path, allow_pickle=False) as z:
                 name = "X" if "X" in z.files else "embedding" if "embedding" in z.files else None
@@ -62,11 +63,13 @@ def read_input(path):
                     common.fail(f"{path}: no array X or embedding; found {common.show(z.files, 100)}")
                 X = z[name]
                 X = X[None] if name == "embedding" and X.ndim == 2 else X   # one openl3 clip
-                keys = common.strings(z["keys"], path, "keys", length=len(X)) if "keys" in z.files else None
+                keys = common.strings(z["keys"], path, "keys") if "keys" in z.files else None
     except common.UserError:
         raise
     except Exception as e:  # damaged zip, .npy or HDF5 structure, pickled members
         common.fail(f"cannot read {path}: {type(e).__name__}: {common.show(str(e), 150)}")
+    if keys is not None and len(keys) != len(X):
+        common.fail(f"{path}: {len(keys)} keys for {len(X)} clips")
     return common.compact(X, path), keys
 
 

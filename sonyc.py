@@ -1,6 +1,6 @@
 """SONYC-UST v2 (Cartwright et al., DCASE 2020 Task 5): the reader and the official metric.
 
-Stands alone: numpy, csv and h5py only, neither torch nor `common`, so it can be copied, or
+Stands alone: numpy and the standard library only, neither torch nor `common`, so it can be copied, or
 used to score a DCASE submission without the challenge's pandas/oyaml tool chain:
 
     python sonyc.py PREDICTIONS.csv ANNOTATIONS.csv --split validate
@@ -220,22 +220,29 @@ def _cache_key(root, clips, csv_hash):
     return h.hexdigest()
 
 
+def read_npy(zf, name, shape, kinds):
+    """A member of an open .npz, without pickle: its header must claim `shape` and a dtype of `kinds` before
+    anything is read, and the data is read to the member's end, so that its CRC is checked."""
+    with zf.open(name) as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        got, fortran, dtype = read_header[version](fh)
+        if got != shape or dtype.kind not in kinds:
+            raise ValueError(f"{got} {dtype}")
+        n = int(np.prod(shape)) * dtype.itemsize
+        data = fh.read(n + 1)
+        if len(data) != n:
+            raise ValueError("damaged: its size does not match its header")
+        return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
 def read_embedding(path, shape):
-    """`embedding` of one openl3 .npz, without pickle, its header checked against `shape` before anything is
-    read. Returns (array, None), or (None, what is wrong)."""
+    """`embedding` of one openl3 .npz, or what is wrong with it."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("embedding.npy") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}[version]
-            got, fortran, dtype = read_header(fh)
-            if got != shape or dtype.kind not in "fiu":
-                return None, f"{got} {dtype}"
-            n = int(np.prod(shape)) * dtype.itemsize
-            data = fh.read(n + 1)                  # to the member's end: its CRC is checked
-            if len(data) != n:
-                return None, "damaged (its size does not match its header)"
-            e = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+        with zipfile.ZipFile(path) as zf:
+            e = read_npy(zf, "embedding.npy", shape, "fiu")
+    except ValueError as e:
+        return None, str(e)
     except Exception as e:   # not a zip, no embedding member, a damaged header, zip or CRC
         return None, f"unreadable ({type(e).__name__})"
     return (e, None) if np.isfinite(e).all() else (None, "NaN or inf")
@@ -243,21 +250,17 @@ def read_embedding(path, shape):
 
 def load_embeddings(root, clips, csv_hash, shape=(11, 512), write_atomic=None):
     """Read embeddings/<clip>.npz for every clip through a cache file next to the data,
-    embeddings_cache.h5, keyed by _cache_key; a cache that is damaged in any way is rebuilt."""
-    import h5py
+    embeddings_cache.npz, keyed by _cache_key; a cache damaged in any way is rebuilt."""
     key = _cache_key(root, clips, csv_hash)
-    cache = root / "embeddings_cache.h5"
-    if cache.is_file():
-        try:
-            with h5py.File(cache, "r") as f:
-                X = f.get("X")
-                if isinstance(f.attrs.get("key"), str) and f.attrs["key"] == key and isinstance(X, h5py.Dataset) \
-                        and X.dtype == np.float32 and X.shape == (len(clips),) + shape and X.fletcher32:
-                    X = X[()]   # its checksum (fletcher32) is verified as it is read
-                    if np.isfinite(X).all():
-                        return X
-        except Exception:
-            pass  # unreadable cache: rebuild it
+    cache = root / "embeddings_cache.npz"
+    try:
+        with zipfile.ZipFile(cache) as zf:
+            if str(read_npy(zf, "key.npy", (), "U")) == key:
+                X = read_npy(zf, "X.npy", (len(clips),) + shape, "f").astype(np.float32)
+                if np.isfinite(X).all():
+                    return X
+    except Exception:
+        pass  # no cache, an old one, or a damaged one: (re)build it
     X = np.zeros((len(clips),) + shape, np.float32)
     absent, bad = [], []
     for i, clip in enumerate(clips):
@@ -275,14 +278,9 @@ def load_embeddings(root, clips, csv_hash, shape=(11, 512), write_atomic=None):
              + LAYOUT.format(root=root))
     if bad:
         fail(f"{root / 'embeddings'}: {len(bad)} embedding(s) not {shape} finite numbers, first {show(bad[:2], 150)}")
-
-    def write(p):
-        with h5py.File(p, "w") as f:
-            f.create_dataset("X", data=X, chunks=True, fletcher32=True)
-            f.attrs["key"] = key
     if write_atomic is not None:
         try:
-            write_atomic(cache, write)
+            write_atomic(cache, lambda p: np.savez(p, X=X, key=np.array(key)))
         except OSError as e:  # a read-only data folder only costs the cache
             print(f"warning: could not write the embedding cache {cache}: {e}", file=sys.stderr)
     return X

@@ -17,9 +17,9 @@ def test_random_corruptions_load_valid_data_or_stop_in_one_line(reader, tmp_path
     failures = []
     previous = signal.signal(signal.SIGALRM, fuzz.alarm)
     try:
-        counts = fuzz.fuzz(reader, 150, seed=2024, work=tmp_path, report=lambda v, w: failures.append(f"{v} <- {w}"))
+        counts = fuzz.fuzz(reader, 100, seed=2024, work=tmp_path, report=lambda v, w: failures.append(f"{v} <- {w}"))
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert failures == []
     assert counts.get("loaded", 0) > 10          # the corruptions leave some files valid ...
-    assert counts.get("clean error", 0) > 50     # ... and break most
+    assert counts.get("clean error", 0) > 40     # ... and break most
