@@ -355,10 +355,10 @@ H5_PROBE = ("import sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"     # every at
             "visit('/', f)\nf.visititems(visit)")
 
 
-def probe_h5(path):
+def probe_h5(path, seconds=10):
     """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
     try:
-        limit = 10 + path.stat().st_size / 20e6     # seconds: 20 MB/s at the least
+        limit = seconds + path.stat().st_size / 20e6     # and 20 MB/s at the least
         crash = subprocess.run([sys.executable, "-c", H5_PROBE, str(path)], capture_output=True,
                                timeout=limit).returncode < 0
     except subprocess.TimeoutExpired:

@@ -59,12 +59,9 @@ def get_parser():
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
     p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
                    help="Adam learning rate, halved every 30 epochs (default: 0.001)")
-    p.add_argument("--layers", type=common.positive_int,
-                   help="hidden layers L (default: Table I, below)")
-    p.add_argument("--hidden", type=common.positive_int,
-                   help="hidden width H (default: Table I, below)")
-    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True),
-                   help="dropout (default: Table I, below)")
+    p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
+    p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
+    p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
     p.add_argument("--ema-decay", type=common.float_in(0, 1),
                    help="EMA decay alpha of the teacher (default: Table I, below)")
     p.add_argument("--consistency-weight", type=common.float_in(0, 1e6),

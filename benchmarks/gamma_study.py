@@ -78,34 +78,33 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-        panels = list(KEYS.items()) + [("masked_precision", "masked set: precision (missing positives found)"),
-                                       ("masked_recall", "masked set: recall of the missing positives")]
+        shown = [r for r in rates if len({g for rr, g in runs if rr == r}) > 1]     # rates with a gamma curve
+        color = dict(zip(shown, plt.get_cmap("viridis")(np.linspace(0, 0.9, len(shown)))))
+        panels = list(KEYS.items()) + [("masked_precision", "masked set: precision (solid), recall (dashed)"),
+                                       ("negatives_per_observed", "new negatives per observed training label")]
         for ax, (key, title) in zip(axes.flat, panels):
-            for i, r in enumerate(rates):
+            for r in shown:
                 gs = sorted(g for rr, g in runs if rr == r)
-                means = [np.mean([m[key] for m in runs[(r, g)]]) for g in gs]
-                stds = [np.std([m[key] for m in runs[(r, g)]]) for g in gs]
-                line = ax.errorbar(gs, means, yerr=stds, marker="o", ms=4, capsize=2, label=f"drop {r:g}")
-                ax.axvline(gammas[r], color=line[0].get_color(), ls=":", lw=1)
-            ax.set_xscale("symlog", linthresh=2)
+                for k2, style in ((key, "-"), ("masked_recall", "--")) if key == "masked_precision" else ((key, "-"),):
+                    means = [np.mean([m[k2] for m in runs[(r, g)]]) for g in gs]
+                    stds = [np.std([m[k2] for m in runs[(r, g)]]) for g in gs]
+                    ax.errorbar(gs, means, yerr=stds, marker="o", ms=3, capsize=2, ls=style, color=color[r],
+                                label=f"drop {r:g}" if style == "-" else None)
+                ax.axvline(gammas[r], color=color[r], ls=":", lw=1)
+            if key == "negatives_per_observed":
+                ax.axhline(k, color="k", ls=":", lw=1)
+                ax.set_yscale("log")
+                ax.set_title(f"{title} (dotted: k = {k:.2f})", fontsize=9)
+            else:
+                ax.set_title(title, fontsize=9)
+            ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks([0, 2, 5, 10, 20, 50], ["0", "2", "5", "10", "20", "50"])
-            ax.set_xlabel("gamma (%)")
-            ax.set_title(title, fontsize=9)
-        axes.flat[0].legend(fontsize=8, title="dotted: the rule's gamma", title_fontsize=7)
-        ax = axes.flat[5]
-        for r in rates:
-            gs = sorted(g for rr, g in runs if rr == r)
-            ax.plot(gs, [np.mean([m["negatives_per_observed"] for m in runs[(r, g)]]) for g in gs], marker="o", ms=4,
-                    label=f"drop {r:g}")
-        ax.axhline(k, color="k", ls=":", lw=1)
-        ax.set_xscale("symlog", linthresh=2)
-        ax.set_xticks([0, 2, 5, 10, 20, 50], ["0", "2", "5", "10", "20", "50"])
-        ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_xlabel("gamma (%)")
-        ax.set_title(f"new negatives per observed label (dotted: k = {k:.2f})", fontsize=9)
-        n = max(len(ms) for ms in runs.values())
+            ax.set_xlabel("gamma (%); dotted: the rule's gamma")
+            ax.set_xlim(-0.3, 60)
+        axes.flat[0].legend(fontsize=8)
+        n = sorted({len(ms) for ms in runs.values()})
         fig.suptitle(f"label enhancement on the synthetic data: gamma against the share of missing labels "
-                     f"(mean ± std over {n} seeds, 100 epochs)", fontsize=10)
+                     f"(mean ± std over {'–'.join(map(str, n[::len(n) - 1 or 1]))} seeds, 100 epochs)", fontsize=10)
         fig.tight_layout()
         fig.savefig(args.out, dpi=110)
         print(f"\nwrote {args.out}")

@@ -609,3 +609,15 @@ def test_unobserved_labels_may_hold_anything_numeric(tmp_path):
         del f["Y"]
         f["Y"] = Y
     assert len(load(path).train.X) == 30
+
+
+@pytest.mark.parametrize("how", ["hangs", "crashes"])
+def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_path, monkeypatch):
+    """A flipped bit in a variable-length string attribute once made HDF5 loop forever in C, beyond any
+    Python timeout (benchmarks/fuzz.py, seed 0): every .h5 is read in a child process first. Here the child
+    is made to hang or crash on purpose."""
+    path = write_h5(tmp_path / "x.h5")
+    monkeypatch.setattr(common, "H5_PROBE", "import time; time.sleep(60)" if how == "hangs" else
+                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(common.UserError, match="the HDF5 library hung or crashed reading it"):
+        common.probe_h5(path, seconds=1)
