@@ -140,6 +140,19 @@ def write_h5(path, n=60, str_kind="bytes", seed=0, no_train_label_for=None, obse
     return path
 
 
+def write_scaled_h5(path, dtype, scale, n=64):
+    """An .h5 of OpenMIC's shapes (4 classes): raw bytes 0..255 for uint8, else normal values times `scale`."""
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128)) * scale
+    with h5py.File(path, "w") as f:
+        f["X"] = X.astype(dtype)
+        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
+        f["observed"] = rng.random((n, 4)) < 0.6
+        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
+        f.attrs["class_names"] = ["a", "b", "c", "d"]
+    return path
+
+
 @pytest.fixture
 def h5(tmp_path):
     return write_h5(tmp_path / "mine.h5")

@@ -23,6 +23,7 @@ from tests.conftest import (
     run,
     write_h5,
     write_openmic,
+    write_scaled_h5,
     write_sonyc,
 )
 
@@ -250,22 +251,10 @@ def test_h5_with_the_complete_truth(tmp_path):
     assert torch.equal(d.train.Y_full.bool() & d.train.observed, d.train.Y.bool())
 
 
-def write_scaled_h5(path, dtype, n=64):
-    rng = np.random.default_rng(1)
-    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128))
-    with h5py.File(path, "w") as f:
-        f["X"] = X.astype(dtype)
-        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
-        f["observed"] = rng.random((n, 4)) < 0.6
-        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
-        f.attrs["class_names"] = ["a", "b", "c", "d"]
-    return path
-
-
 @pytest.mark.parametrize("dtype, kept", [(np.uint8, torch.uint8), (np.float16, torch.float16),
                                          (np.float64, torch.float32), (np.int16, torch.float32)])
 def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
-    path = write_scaled_h5(tmp_path / "x.h5", dtype)
+    path = write_scaled_h5(tmp_path / "x.h5", dtype, 1)
     assert load(path).train.X.dtype == kept
     whole, _, _ = common.load_h5(path)
     blocks, _, _ = common.load_h5(path, block_bytes=3000)      # 2 clips a block: many blocks
@@ -274,7 +263,7 @@ def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
 
 
 def test_h5_values_the_model_cannot_take_are_refused_by_row(tmp_path):
-    path = write_scaled_h5(tmp_path / "x.h5", np.float64)
+    path = write_scaled_h5(tmp_path / "x.h5", np.float64, 1)
     with h5py.File(path, "a") as f:
         f["X"][50, 0, 0] = 1e300                             # finite as float64, inf as float32
         f["X"][51, 0, 0] = 3e38                              # finite, but beyond what batch statistics square

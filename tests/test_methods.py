@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,7 @@ import common
 import label_enhance
 import le_mean_teacher
 import mean_teacher
-from tests.conftest import METHODS, ROOT, call, metrics_of, ok, run, run_dirs, write_h5
+from tests.conftest import METHODS, ROOT, call, metrics_of, ok, run, run_dirs, write_h5, write_scaled_h5
 
 #####  The model  ###########################################################################################
 
@@ -246,18 +245,6 @@ def test_batches_without_observed_labels_give_no_nan(tmp_path):
     for method in ("b1", "mean_teacher"):
         ok(call(f"{method}.py", "--dataset", path, "--epochs", 2, "--batch-size", 1, "--out", tmp_path / method))
         assert all(np.isfinite(e["train_loss"]) for e in metrics_of(tmp_path / method)["history"])
-
-
-def write_scaled_h5(path, dtype, scale, n=64):
-    rng = np.random.default_rng(1)
-    X = rng.integers(0, 256, (n, 10, 128)) if dtype == np.uint8 else rng.standard_normal((n, 10, 128)) * scale
-    with h5py.File(path, "w") as f:
-        f["X"] = X.astype(dtype)
-        f["Y"] = (rng.random((n, 4)) < 0.4).astype(np.uint8)
-        f["observed"] = rng.random((n, 4)) < 0.6
-        f["split"] = np.array([b"train"] * 40 + [b"val"] * 12 + [b"test"] * 12)
-        f.attrs["class_names"] = ["a", "b", "c", "d"]
-    return path
 
 
 @pytest.mark.parametrize("method", ["b1", "label_enhance", "mean_teacher"])

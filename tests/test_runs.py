@@ -239,8 +239,10 @@ def sweep(tmp_path, *args, methods=("b1",)):
 
 
 def test_sweep_resumes_and_summarizes_mean_and_population_std(tmp_path):
-    grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, 1, "--jobs", 2)
-    assert "4 runs, 0 already finished, 4 to do" in ok(call("simulate_missing.py", *grid)).stdout
+    grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, 1, "--jobs", 2, "--devices", "cpu")
+    p = ok(call("simulate_missing.py", *grid))
+    assert "4 runs, 0 already finished, 4 to do" in p.stdout
+    assert p.stdout.count(" on cpu in ") == 4                     # each run pinned to a device
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     row = next(r for r in summary["rows"] if r["rate"] == 0.5)
     f1s = [metrics_of(tmp_path / "o", f"mine__b1__seed{s}__drop0.5__epochs1")["test"]["f1_macro"] for s in (0, 1)]
