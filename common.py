@@ -544,7 +544,7 @@ def ranking_metrics(scores, Y, mask, names, scored, suffix="masked"):
 def evaluate(scores, split, data):
     """Test metrics of scores (N, C): F1 at 0.5, AUPRC and AP on the observed labels; calibration, the share of
     all entries scored >= 0.5 against that of positives among observed labels; the same against the complete
-    truth where it is known; on SONYC-UST, the DCASE metrics."""
+    truth where it is known; and the dataset's own metrics, if its reader gives any."""
     scores = scores.float().cpu().numpy() if torch.is_tensor(scores) else scores
     Y, obs = split.Y.cpu().numpy(), split.observed.cpu().numpy()
     out = classwise_f1(scores, Y, obs, data.class_names, data.scored)
@@ -557,9 +557,8 @@ def evaluate(scores, split, data):
                                                                   data.scored).items()})
         out.update(ranking_metrics(scores, full, everything, data.class_names, data.scored, "full_truth"))
         out["present_share_full_truth"] = float(full.mean())
-    if "sonyc" in data.info:
-        out.update(optional_module("sonyc", "--dataset sonyc").dcase_metrics(
-            scores, split.extra, data.info["sonyc"], data.info["level"]))
+    if "metrics" in data.info:   # a dataset's own metrics: SONYC-UST's official DCASE ones
+        out.update(data.info["metrics"](scores, split.extra))
     return out
 
 
@@ -640,10 +639,9 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
         write_atomic(folder / "test_predictions.npz", lambda p: np.savez(p, **arrays))
-        if "sonyc" in data.info:
-            sonyc = optional_module("sonyc", "--dataset sonyc")
-            write_atomic(folder / "test_predictions.csv", lambda p: sonyc.write_submission(
-                p, scores, test.keys, data.info["sonyc"], data.info["level"]))
+        if "write_predictions" in data.info:   # a dataset's own layout: SONYC-UST's DCASE submission
+            write = data.info["write_predictions"]
+            write_atomic(folder / "test_predictions.csv", lambda p: write(p, scores, test.keys))
         write_atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(jsonable(record), indent=1)))
     except OSError as e:
         fail(f"cannot write the run to {folder}: {e}")

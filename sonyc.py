@@ -173,7 +173,8 @@ def truth_of(values, tax):
 def load_sonyc(root, level, write_atomic=None):
     """SONYC-UST v2 as released plus the OpenL3 embeddings. Returns ({split: arrays}, class names,
     info). X keeps its float32 embeddings as stored: info's input_offset / input_scale are the
-    training split's z-score (mean, 1 / std over clips and frames), which the model applies."""
+    training split's z-score (mean, 1 / std over clips and frames), which the model applies; info's
+    metrics and write_predictions add the official DCASE metrics and the submission CSV to every run."""
     csv_path = root / "annotations.csv"
     if not csv_path.is_file():
         fail(f"missing {csv_path}\n" + LAYOUT.format(root=root))
@@ -197,8 +198,10 @@ def load_sonyc(root, level, write_atomic=None):
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0)) + 1e-8
     names = tax["coarse_names"] if level == "coarse" else tax["fine_names"]
-    return out, names, dict(sonyc=tax, level=level, input_offset=mean.astype(np.float32),
-                            input_scale=(1 / std).astype(np.float32))
+    return out, names, dict(
+        input_offset=mean.astype(np.float32), input_scale=(1 / std).astype(np.float32),
+        metrics=lambda scores, truth: dcase_metrics(scores, truth, tax, level),             # common.evaluate
+        write_predictions=lambda path, scores, files: write_submission(path, scores, files, tax, level))  # save_run
 
 
 def load(data_dir, level="fine", write_atomic=None):
