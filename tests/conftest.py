@@ -112,6 +112,29 @@ def write_openmic(root, n=80, n_test=20, partition_names=("split01_train.csv", "
     return root, dict(X=X, Y_true=Y_true, mask=mask, keys=keys, train_keys=train_keys, test_keys=test_keys)
 
 
+def read_openmic_npz(path):
+    """The arrays of an openmic-2018.npz this file wrote, read without unpickling anything (openmic.py's own
+    reader); sample_key comes back as the official file has it, an object array of str."""
+    import openmic
+    arrays = openmic.read_npz(path, ("X", "Y_true", "Y_mask", "sample_key"), strings=("sample_key",))
+    return dict(arrays, sample_key=arrays["sample_key"].astype(object))
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted download would do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class HugeArray:
+    """Unpickles as numpy.ndarray((10**12,), object): terabytes, from a file of a few hundred bytes."""
+    def __reduce__(self):
+        return np.ndarray, ((10 ** 12,), np.dtype("O"))
+
+
 @pytest.fixture
 def openmic(tmp_path):
     return write_openmic(tmp_path)

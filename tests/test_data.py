@@ -16,9 +16,12 @@ from tests.conftest import (
     SONYC_COARSE,
     SONYC_FINE,
     SONYC_ROWS,
+    HugeArray,
+    Payload,
     call,
     load,
     ok,
+    read_openmic_npz,
     refused,
     run,
     write_h5,
@@ -110,20 +113,11 @@ def test_openmic_class_map_and_partitions_must_match_the_npz(tmp_path, openmic):
     assert "split01_test.csv" in err and "2 key(s) not in" in err and "999999_0" in err
 
 
-class _Payload:
-    """Unpickling this runs a shell command: what a crafted download would do."""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_crafted_openmic_pickle_is_refused_and_runs_nothing(tmp_path, npz):
     path, raw = npz
     marker = tmp_path / "pwned"
     keys = raw["keys"].copy()
-    keys[0] = _Payload(marker)
+    keys[0] = Payload(marker)
     np.savez(path, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=keys)
     err = bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
     assert "refused" in err and "system" in err
@@ -337,8 +331,7 @@ def test_synthetic_data_is_partially_labelled_and_fixed():
 #####  Every corruption that once escaped: one line, exit 2, or it loads as it should  ######################
 
 def rewrite_npz(path, **changes):
-    with np.load(path, allow_pickle=True) as z:      # our own fixture
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_openmic_npz(path)
     arrays.update(changes)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
 
@@ -352,12 +345,6 @@ def rewrite_member(path, name, edit):
             if n == name:
                 n, data = (edit, data) if isinstance(edit, str) else (n, edit(data))
             zf.writestr(n, data)
-
-
-class HugeArray:
-    """Unpickles as numpy.ndarray((10**12,), object): terabytes, from a file of a few hundred bytes."""
-    def __reduce__(self):
-        return np.ndarray, ((10 ** 12,), np.dtype("O"))
 
 
 OPENMIC_CASES = {
