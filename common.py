@@ -349,9 +349,11 @@ def labels01(values, path, name, shape):
     return values.astype(bool)
 
 
-H5_PROBE = ("import sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"     # every attribute and dataset, X in blocks
-            "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n if isinstance(obj, h5py.Dataset):\n"
-            "  [obj[i:i + 65536] for i in range(0, len(obj), 65536)] if obj.shape else obj[()]\n"
+H5_PROBE = ("import os, sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute, and every dataset that
+            "memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"  # fits in memory, block by block
+            "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n"
+            " if isinstance(obj, h5py.Dataset) and (obj.nbytes or 0) <= memory:\n"
+            "  for i in range(0, len(obj), 65536) if obj.shape else [0]: obj[i:i + 65536] if obj.shape else obj[()]\n"
             "visit('/', f)\nf.visititems(visit)")
 
 

@@ -597,3 +597,16 @@ def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_pa
                         "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     with pytest.raises(common.UserError, match="the HDF5 library hung or crashed reading it"):
         common.probe_h5(path, seconds=1)
+
+
+def test_an_h5_declaring_more_than_the_memory_is_refused_before_it_is_read(tmp_path):
+    """HDF5 stores a dataset that was never written as fill values: a small file may declare 480 GiB."""
+    path = tmp_path / "claim.h5"
+    n = 10 ** 8
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", shape=(n, 10, 128), dtype="f4", chunks=(1000, 10, 128))
+        f.create_dataset("Y", shape=(n, 2), dtype="f4", chunks=(10000, 2))
+        f.create_dataset("observed", shape=(n, 2), dtype=bool, chunks=(10000, 2))
+        f.create_dataset("split", shape=(n,), dtype="S5", chunks=(10000,))
+        f.attrs["class_names"] = ["a", "b"]
+    assert "more than this machine's memory" in bad(tmp_path, "--dataset", path)
