@@ -1,21 +1,11 @@
 """Sweeps: seeds, label removal (the paper's Fig. 4 at rate 0 and Fig. 5) and any method option on a grid.
 
-Runs every (method, option values, drop rate, seed) that has no finished run yet, so an interrupted sweep
-resumes where it stopped, then prints mean ± std over seeds (the population std, numpy's default), writes
-the summary next to the runs and, with --plot, the figures. A drop rate removes that share of the observed
-training labels (uniformly, seeded apart from the training seed unless --drop-seed seed; never validation
-or test labels).
+Runs every (method, option values, drop rate, seed) without a finished run, `--jobs` at a time, so an
+interrupted sweep resumes; then prints mean ± population std over seeds, writes the summary and, with
+--plot, the figures (figures.py). docs/runs.md tells the rest.
 
     python simulate_missing.py --rates 0 0.1 0.2 0.4 0.8 --seeds 0 1 2 3 4 --jobs 2 --plot
     python simulate_missing.py --methods b1 mean_teacher --vary lr=0.001,0.005 --seeds 0 1 2 --plot
-
---vary NAME=V1,V2,... (repeatable) crosses any option of the method scripts with the seeds and rates;
-run folders carry every non-default option in their names, so two values never share one. Other options
-of the method scripts (--epochs 20, --ema-decay 0.99, --device cuda, ...) pass through to the methods that
-accept them; an option that no chosen method accepts is refused by name. Paths mean what they mean where
-the command is typed; the runs, their logs, the summaries and the figures all go under --out. --dry-run
-prints one command per pending run (for a Slurm array, GNU parallel or another machine); the same sweep
-run afterwards collects them.
 """
 import argparse
 import concurrent.futures
@@ -38,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 import common
+import figures
 
 METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher")
-PAPER_NAMES = dict(b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
 # The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
@@ -79,7 +69,7 @@ def check_options(args, extra, own):
     accepted = set().union(*(method_options(m)[1] for m in args.methods))
     for name in [g[0] for g in option_groups(extra)] + [f"--{k}" for k in args.vary]:
         if name in SET_BY_SWEEP + (("--device",) if args.devices else ()):
-            common.fail(f"{name}: the sweep sets this itself (use --rates, --seeds, --gammas, --vary, --drop-seed, "
+            common.fail(f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-seed, "
                         f"--threads, --devices, --out, or run the method script directly)")
         if name not in accepted:
             close = difflib.get_close_matches(name, sorted(own | accepted), n=2)
@@ -183,18 +173,13 @@ def summarize(args, runs):
     return rows
 
 
-def label(row, vary):
-    extra = ", ".join(f"{k} {row[k]}" for k in vary if k in row)
-    return PAPER_NAMES[row["method"]] + (f" ({extra})" if extra else "")
-
-
 def markdown(rows, key, rates, vary):
     rows = [r for r in rows if key in r]
     if not rows:
         return ""
-    cell = {(label(r, vary), r["rate"]): r for r in rows}
+    cell = {(figures.label(r, vary), r["rate"]): r for r in rows}
     lines = [f"| {key} | " + " | ".join(f"drop {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
-    for name in dict.fromkeys(label(r, vary) for r in rows):
+    for name in dict.fromkeys(figures.label(r, vary) for r in rows):
         vals = []
         for rate in rates:
             r = cell.get((name, rate))
@@ -208,61 +193,6 @@ def markdown(rows, key, rates, vary):
     return "\n".join(lines)
 
 
-def plot(summary, out, metric=None, suffix=""):
-    """Fig. 4: per method, `metric` of every seed at the lowest drop rate (a box without outlier markers,
-    the seeds as jittered dots). Fig. 5: its mean ± std against the drop rate, one line per method, each
-    method's points shifted a little so none hides another. Returns what was plotted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows, vary = summary["rows"], summary["vary"]
-    paper_f4 = "auprc_macro_masked" if summary["dataset"] == "sonyc" else "f1_macro"
-    metrics = dict(fig4=metric or paper_f4, fig5=metric or "auprc_macro_masked")
-    n_seeds = max(r["seeds"] for r in rows)
-    setting = " ".join(summary["passed_through"]) or "every other option at its default"
-    caption = f"{Path(summary['dataset']).name}, {n_seeds} seed(s); {setting}"
-    plotted, rng = {}, np.random.default_rng(0)
-    first = min(r["rate"] for r in rows)
-    fig4 = {label(r, vary): [v for v in r["per_seed"].get(metrics["fig4"], []) if v is not None]
-            for r in rows if r["rate"] == first}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(fig4) + 2), 4.2))
-    ax.boxplot(list(fig4.values()), showfliers=False, widths=0.5)
-    for i, values in enumerate(fig4.values(), start=1):
-        ax.plot(i + rng.uniform(-0.12, 0.12, len(values)), values, "o", ms=4, color="k", alpha=0.6)
-    ax.set_xticks(range(1, len(fig4) + 1), list(fig4), rotation=15, ha="right")
-    ax.set_ylabel(metrics["fig4"])
-    ax.set_title(f"{metrics['fig4']} over seeds, drop rate {first:g} (paper Fig. 4)\n{caption}", fontsize=9)
-    fig.tight_layout()
-    plotted["fig4"] = fig4
-    fig.savefig(Path(out) / f"fig4{suffix}.png", dpi=120)
-    plt.close(fig)
-    lines = {}
-    for r in rows:
-        values = [v for v in r["per_seed"].get(metrics["fig5"], []) if v is not None]
-        if values:
-            point = (r["rate"], float(np.mean(values)), float(np.std(values)), values)
-            lines.setdefault(label(r, vary), []).append(point)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    spread = 0.012 * (max(summary["rates"]) - min(summary["rates"]) or 1)
-    for i, (name, points) in enumerate(lines.items()):
-        points.sort()
-        dx = (i - (len(lines) - 1) / 2) * spread
-        rates = [p[0] + dx for p in points]
-        ax.errorbar(rates, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=name)
-        for x, p in zip(rates, points):
-            ax.plot([x] * len(p[3]), p[3], ".", color="gray", alpha=0.5, ms=3)
-    ax.set_xlabel("share of observed training labels removed")
-    ax.set_ylabel(f"{metrics['fig5']} (mean ± std over seeds)")
-    ax.set_title(f"{metrics['fig5']} against missing labels (paper Fig. 5)\n{caption}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    plotted["fig5"] = {name: [[p[i] for p in pts] for i in range(3)]  # rates, means, stds
-                       for name, pts in lines.items()}
-    fig.savefig(Path(out) / f"fig5{suffix}.png", dpi=120)
-    plt.close(fig)
-    return plotted
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 epilog="Any other option of the method scripts passes through to those that accept it.")
@@ -274,9 +204,6 @@ def get_parser():
     p.add_argument("--rates", nargs="+", type=common.float_in(0, 1, hi_open=True), default=[0.0],
                    help="shares of the observed training labels to remove; the paper: 0 0.1 0.2 0.4 0.8 (default: 0)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (default: 0 1 2 3 4)")
-    p.add_argument("--gammas", nargs="+", type=common.float_in(0, 100),
-                   help="gamma values (in %%) for label_enhance and le_mean_teacher; --vary gamma=... for short "
-                        "(default: Table I's only)")
     p.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
                    help="an option of the method scripts to put on the grid, e.g. lr=0.001,0.005; repeatable")
     p.add_argument("--drop-seed", choices=("fixed", "seed"), default="fixed",
@@ -302,10 +229,6 @@ def main():
     own = {s for a in parser._actions for s in a.option_strings}
     args.methods = [m for m in METHODS if m in args.methods]     # each once, in the paper's order
     args.vary = parse_vary(args.vary)
-    if args.gammas:
-        if "gamma" in args.vary:
-            common.fail("--gammas and --vary gamma=...: give gamma once")
-        args.vary["gamma"] = [f"{g:g}" for g in args.gammas]
     for g in args.vary.get("gamma", []):
         if g.replace(".", "", 1).isdigit() and 0 < float(g) < 1:
             common.warn(f"gamma {g} is a percentage: {g} means {float(g):g}%, not {float(g):.0%}")
@@ -387,7 +310,7 @@ def main():
                         "(the runs and the summary are written; rerun the same sweep to plot)")
         tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
         for suffix in (tag, ""):   # this sweep's figures, and a copy as the latest ones
-            plot(common.jsonable(summary), out, args.metric, suffix)
+            figures.plot(common.jsonable(summary), out, args.metric, suffix)
         print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 
 

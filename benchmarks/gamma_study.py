@@ -1,6 +1,6 @@
 """Label enhancement's gamma against the share of missing labels: tables and one figure from finished runs.
 
-    python simulate_missing.py --methods label_enhance --gammas 0 2 5 10 20 50 --rates 0 0.4 0.8 --seeds 0 1 2
+    python simulate_missing.py --methods label_enhance --vary gamma=0,2,5,10,20,50 --rates 0 0.4 0.8 --seeds 0 1 2
     python benchmarks/gamma_study.py runs --out docs/gamma.png
 
 Reads every finished label_enhance run under the folder (its default settings but gamma and the drop

@@ -335,14 +335,14 @@ def test_failed_sweeps_leave_earlier_summaries_as_they_were(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                     reason="matplotlib is optional; .ci/run installs it so this runs in CI")
 def test_sweep_figures_are_kept_per_sweep_and_say_what_they_show(tmp_path):
-    import simulate_missing
+    import figures
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, "--jobs", 2, "--plot", methods=("b1", "b0"))
     ok(call("simulate_missing.py", *grid))
     (sweep_id,) = [p.stem.removeprefix("summary-") for p in (tmp_path / "o").glob("summary-*.json")]
     for fig in (f"fig4-{sweep_id}.png", f"fig5-{sweep_id}.png", "fig4.png", "fig5.png"):
         assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    plotted = simulate_missing.plot(summary, tmp_path)
+    plotted = figures.plot(summary, tmp_path)
     assert list(plotted["fig4"]) == ["B0", "B1"]                                  # the paper's names
     assert plotted["fig4"]["B1"] == next(r for r in summary["rows"] if r["method"] == "b1" and r["rate"] == 0)[
         "per_seed"]["f1_macro"]                                                   # Fig. 4: the paper's F1
