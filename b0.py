@@ -13,6 +13,7 @@ Reads top to bottom: options, setup, model and optimizer, the training step (the
 loop with model selection on the validation loss over observed labels, the test. Outside "ALGO LOGIC"
 b0.py and b1.py are the same; the two-network scripts add their second network.
 """
+
 import argparse
 import time
 
@@ -29,13 +30,19 @@ TABLE_I = {
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="B0: binary cross-entropy with missing labels as negatives.",
-                                allow_abbrev=False,
-                                epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}")
+    p = argparse.ArgumentParser(
+        description="B0: binary cross-entropy with missing labels as negatives.",
+        allow_abbrev=False,
+        epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}",
+    )
     p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
-    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
-                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument(
+        "--lr",
+        type=common.float_in(1e-12, 10),
+        default=1e-3,
+        help="Adam learning rate, halved every 30 epochs (default: 0.001)",
+    )
     p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
@@ -54,15 +61,22 @@ def main():
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
-                                input_offset=data.input_offset, input_scale=data.input_scale).to(device)
+    model = common.AttentionMIL(
+        train.X.shape[2],
+        train.Y.shape[1],
+        args.layers,
+        args.hidden,
+        args.dropout,
+        input_offset=data.input_offset,
+        input_scale=data.input_scale,
+    ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
     # ALGO LOGIC: one training step of B0
-    def train_step(x, y, observed):            # x (B, T, D); y (B, C), 0 where missing
-        p = model(x)                            # (B, C) probabilities
-        loss = F.binary_cross_entropy(p, y)     # mean over all labels: missing = negative; `observed` unused
+    def train_step(x, y, observed):  # x (B, T, D); y (B, C), 0 where missing
+        p = model(x)  # (B, C) probabilities
+        loss = F.binary_cross_entropy(p, y)  # mean over all labels: missing = negative; `observed` unused
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -72,8 +86,9 @@ def main():
     # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast,
-                            state=[model, optimizer])
+    step = common.fast_step(
+        train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast, state=[model, optimizer]
+    )
     history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
@@ -81,7 +96,7 @@ def main():
         perm = torch.randperm(len(train.X), device=device)
         total = torch.zeros((), device=device)
         for i in range(n_batches):
-            idx = perm[i * batch:(i + 1) * batch]
+            idx = perm[i * batch : (i + 1) * batch]
             total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
@@ -95,16 +110,27 @@ def main():
             best_val_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
-        print(f"epoch {epoch:3d}/{args.epochs} | train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
-              f"{history[-1]['seconds']:.2f}s", flush=True)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
+            f"{history[-1]['seconds']:.2f}s",
+            flush=True,
+        )
 
     # TRY NOT TO MODIFY: test the selected model, write the run
     model.load_state_dict(best_state)
     scores = common.predict(model, data.test.X)
     test = common.evaluate(scores, data.test, data)
     print(f"best epoch {best_epoch} | test {common.headline(test)}", flush=True)
-    record = common.run_record(args, device, started, method="b0", history=history, best_epoch=best_epoch,
-                               best_val_loss=best_val_loss, test=test)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="b0",
+        history=history,
+        best_epoch=best_epoch,
+        best_val_loss=best_val_loss,
+        test=test,
+    )
     common.save_run(folder, record, {"model": best_state}, "model", model, scores, data)
 
 

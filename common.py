@@ -1,6 +1,7 @@
 """Shared infrastructure of the method scripts: command line and run setup, data, model, metrics, results.
 No loss and no training step: each method script holds its whole method. This file and one method script run
 on their own; openmic.py, sonyc.py and fastpath.py (--fast) are imported only when a run asks for them."""
+
 import argparse
 import collections
 import importlib
@@ -37,7 +38,7 @@ def warn(msg):
 
 
 def show(value, width=60):  # a user's value in a message, cut to `width` characters
-    return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
+    return repr(value) if len(repr(value)) <= width else repr(value)[: width - 5] + " ...'"
 
 
 def main_guard(main):  # user errors become one line and exit status 2, Ctrl-C exit status 130
@@ -61,7 +62,7 @@ def optional_module(name, needed_for):  # openmic, sonyc or fastpath on first us
 #####  Command line and run setup  #################################################################
 
 DATASETS = ("synthetic", "openmic", "sonyc")
-DROP_SEED = 1234        # --drop-rate's own seed: every method and training seed sees the same reduced labels
+DROP_SEED = 1234  # --drop-rate's own seed: every method and training seed sees the same reduced labels
 NOT_IDENTITY = ("out", "device", "threads", "fast", "data_dir")  # cannot change a result: not in a run's name
 
 
@@ -82,24 +83,40 @@ def float_in(lo, hi, hi_open=False):
         if not (lo <= float(value) < hi if hi_open else lo <= float(value) <= hi):
             raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
         return float(value)
-    number.__name__ = "float"   # argparse's message: "invalid float value: 'abc'"
+
+    number.__name__ = "float"  # argparse's message: "invalid float value: 'abc'"
     return number
 
 
 def add_run_args(parser):  # the options every method script shares: data, seed, where to run and to write
     p = parser
-    p.add_argument("--dataset", type=dataset_arg, default="synthetic", help="synthetic (embedded, no download), "
-                   "openmic, sonyc, or a path to your own .h5 file (default: synthetic)")
+    p.add_argument(
+        "--dataset",
+        type=dataset_arg,
+        default="synthetic",
+        help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file (default: synthetic)",
+    )
     p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/ (default: data)")
     p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
     p.add_argument("--seed", type=int, default=0, help="training seed; the data split never depends on it (default: 0)")
-    p.add_argument("--drop-rate", type=float_in(0, 1, hi_open=True), default=0.0,
-                   help="share of the observed training labels to remove, the paper's Fig. 5 (default: 0)")
-    p.add_argument("--drop-seed", type=int, default=DROP_SEED,
-                   help=f"seed of which labels --drop-rate removes (default: {DROP_SEED})")
+    p.add_argument(
+        "--drop-rate",
+        type=float_in(0, 1, hi_open=True),
+        default=0.0,
+        help="share of the observed training labels to remove, the paper's Fig. 5 (default: 0)",
+    )
+    p.add_argument(
+        "--drop-seed",
+        type=int,
+        default=DROP_SEED,
+        help=f"seed of which labels --drop-rate removes (default: {DROP_SEED})",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=positive_int,
-                   help="CPU threads for torch (default: torch's own choice; 1 on a busy shared machine)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for torch (default: torch's own choice; 1 on a busy shared machine)",
+    )
     p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (CUDA only)")
     p.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
     return parser
@@ -139,8 +156,9 @@ def get_device(name=None, threads=None, use=True):
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
         count = dict(cpu=1, cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()))
         if (device.index or 0) >= count.get(device.type, 0):
-            raise RuntimeError(f"this machine has {count.get(device.type, 0)} {device.type} device(s) for torch "
-                               f"{torch.__version__}")
+            raise RuntimeError(
+                f"this machine has {count.get(device.type, 0)} {device.type} device(s) for torch {torch.__version__}"
+            )
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
     if device.type == "cuda" and use:
@@ -151,13 +169,21 @@ def get_device(name=None, threads=None, use=True):
 def run_name(args, method):
     """{dataset}__{method}__seed{seed}, then each option that differs from its default and can change the
     result (__drop0.4, __lr0.005, __gamma50, __teacher-observed, __epochs20, ...): settings never share a folder."""
-    name = (Path(args.dataset).stem if args.dataset not in DATASETS else "sonyc_coarse" if args.dataset == "sonyc"
-            and args.level == "coarse" else args.dataset) + f"__{method}__seed{args.seed}"
+    name = (
+        Path(args.dataset).stem
+        if args.dataset not in DATASETS
+        else "sonyc_coarse"
+        if args.dataset == "sonyc" and args.level == "coarse"
+        else args.dataset
+    ) + f"__{method}__seed{args.seed}"
     short = dict(drop_rate="drop", drop_seed="dropseed", teacher_selection="teacher-")
     for key in ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]:
         value = getattr(args, key)
-        if key in NOT_IDENTITY + ("dataset", "level", "seed") or value == args.defaults.get(key) or \
-                (key == "drop_seed" and args.drop_rate == 0):
+        if (
+            key in NOT_IDENTITY + ("dataset", "level", "seed")
+            or value == args.defaults.get(key)
+            or (key == "drop_seed" and args.drop_rate == 0)
+        ):
             continue
         name += f"__{short.get(key, key.replace('_', '-'))}{f'{value:g}' if isinstance(value, (int, float)) else value}"
     return name
@@ -167,8 +193,11 @@ def config_diff(recorded, requested):
     """What differs between two runs' arguments, ignoring NOT_IDENTITY; '' when they match."""
     a, b = (json.loads(json.dumps(jsonable(dict(c)))) for c in (recorded, requested))
     keys = sorted((set(a) | set(b)) - set(NOT_IDENTITY))
-    return ", ".join(f"--{k.replace('_', '-')} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
-                     for k in keys if a.get(k, "(unset)") != b.get(k, "(unset)"))
+    return ", ".join(
+        f"--{k.replace('_', '-')} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
+        for k in keys
+        if a.get(k, "(unset)") != b.get(k, "(unset)")
+    )
 
 
 def check_writable(out, what="--out"):
@@ -192,8 +221,10 @@ def claim_run_dir(args, method):
         except (OSError, ValueError, AttributeError) as e:
             diff = f"unreadable: {e}"
         if diff:
-            fail(f"{folder} holds a finished run made with other settings ({diff}); "
-                 f"use another --out, or delete that folder to replace it")
+            fail(
+                f"{folder} holds a finished run made with other settings ({diff}); "
+                f"use another --out, or delete that folder to replace it"
+            )
         print(f"note: {folder} holds a finished run with these settings; this run replaces it when it ends", flush=True)
     return folder
 
@@ -205,12 +236,13 @@ def fast_step(step, example_batch, device, enabled, state=()):
 
 #####  Data  #######################################################################################
 
+
 @dataclass
 class Split:
-    X: torch.Tensor            # (N, T, D) as stored: uint8 and float16 stay so, else float32; on the device
-    Y: torch.Tensor            # (N, C) float32 in {0, 1}; 0 where the label is missing
-    observed: torch.Tensor     # (N, C) bool: True where the label is known
-    keys: list = None          # clip names, where the dataset has them
+    X: torch.Tensor  # (N, T, D) as stored: uint8 and float16 stay so, else float32; on the device
+    Y: torch.Tensor  # (N, C) float32 in {0, 1}; 0 where the label is missing
+    observed: torch.Tensor  # (N, C) bool: True where the label is known
+    keys: list = None  # clip names, where the dataset has them
     Y_full: torch.Tensor = None  # every label, missing ones included: synthetic data (or an .h5 with Y_full)
     extra: dict = field(default_factory=dict)  # SONYC: truth for the official metric
 
@@ -221,9 +253,9 @@ class Data:
     val: Split
     test: Split
     class_names: list
-    scored: np.ndarray         # (C,) bool: classes with observed labels in every split
+    scored: np.ndarray  # (C,) bool: classes with observed labels in every split
     input_offset: object = 0.0  # the model's input scaling, (x - input_offset) * input_scale:
-    input_scale: object = 1.0   # OpenMIC 0 and 1/255; SONYC-UST the training z-score; else 0 and 1
+    input_scale: object = 1.0  # OpenMIC 0 and 1/255; SONYC-UST the training z-score; else 0 and 1
     info: dict = field(default_factory=dict)
 
 
@@ -248,9 +280,14 @@ def load_dataset(args, device):
     def to_split(a):
         t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # noqa: E731
         obs = t(a["observed"], torch.bool)
-        return Split(X=torch.from_numpy(np.ascontiguousarray(a["X"])).to(device), Y=t(a["Y"], torch.float32) * obs,
-                     observed=obs, keys=a.get("keys"), extra=a.get("extra", {}),
-                     Y_full=t(a["Y_full"], torch.float32) if a.get("Y_full") is not None else None)
+        return Split(
+            X=torch.from_numpy(np.ascontiguousarray(a["X"])).to(device),
+            Y=t(a["Y"], torch.float32) * obs,
+            observed=obs,
+            keys=a.get("keys"),
+            extra=a.get("extra", {}),
+            Y_full=t(a["Y_full"], torch.float32) if a.get("Y_full") is not None else None,
+        )
 
     splits = {s: to_split(arrays[s]) for s in ("train", "val", "test")}
     scored = np.ones(len(names), bool)
@@ -258,17 +295,23 @@ def load_dataset(args, device):
         empty = ~sp.observed.any(0).cpu().numpy()
         scored &= ~empty
         if empty.any():
-            warn(f"no observed {s} label for class(es) {show([names[c] for c in np.flatnonzero(empty)], 120)}: "
-                 f"their metrics are NaN, left out of the means")
+            warn(
+                f"no observed {s} label for class(es) {show([names[c] for c in np.flatnonzero(empty)], 120)}: "
+                f"their metrics are NaN, left out of the means"
+            )
     tr, va, te = splits.values()
-    print(f"data: {args.dataset} | train {len(tr.X)} val {len(va.X)} test {len(te.X)} clips | {tuple(tr.X.shape[1:])}"
-          f" frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes | "
-          f"{tr.observed.float().mean().item():.1%} of train labels observed", flush=True)
+    print(
+        f"data: {args.dataset} | train {len(tr.X)} val {len(va.X)} test {len(te.X)} clips | {tuple(tr.X.shape[1:])}"
+        f" frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes | "
+        f"{tr.observed.float().mean().item():.1%} of train labels observed",
+        flush=True,
+    )
     return Data(tr, va, te, list(names), scored, info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
 
 
-def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018,
-                   strength=(1.5, 4.0)):
+def make_synthetic(
+    n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10, features=128, seed=2018, strength=(1.5, 4.0)
+):
     """OpenMIC-shaped partially labelled data whose complete truth is known (Y_full). Each class has a
     direction in feature space, added with a random strength to a run of 2-6 frames over Gaussian noise;
     classes come in pairs of correlated directions. About 10% of labels are observed, positives about four
@@ -279,7 +322,7 @@ def make_synthetic(n_train=1280, n_val=500, n_test=1500, n_classes=20, frames=10
     base = rng.standard_normal((n_classes // 2, features))
     protos = 0.7 * np.repeat(base, 2, axis=0) + 0.7 * rng.standard_normal((n_classes, features))
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    Y = rng.random((n, n_classes)) < prior                                      # (N, C)
+    Y = rng.random((n, n_classes)) < prior  # (N, C)
     length = rng.integers(2, 7, (n, n_classes))
     start = rng.integers(0, frames - length + 1)
     t = np.arange(frames)
@@ -301,25 +344,29 @@ def drop_labels(observed, rate, seed=DROP_SEED):
     return observed
 
 
-MAX_INPUT = 1e15   # the model's batch statistics square its inputs in float32, which ends at 3.4e38
+MAX_INPUT = 1e15  # the model's batch statistics square its inputs in float32, which ends at 3.4e38
 
 
 def compact(X, path, where=""):
     """X checked (rank, dtype, sizes, finite and not huge), in the width it keeps: uint8, float16 or float32."""
     if X.ndim != 3 or 0 in X.shape[1:]:
-        fail(f"{path}: X should be (N, T, D) with T, D >= 1, found {X.shape}" + (
-            "; for one vector per clip, store X[:, None, :]" if X.ndim == 2 else ""))
+        fail(
+            f"{path}: X should be (N, T, D) with T, D >= 1, found {X.shape}"
+            + ("; for one vector per clip, store X[:, None, :]" if X.ndim == 2 else "")
+        )
     if X.dtype.kind not in "biuf":
         fail(f"{path}: X has dtype {X.dtype}; expected integers or floats")
     with np.errstate(over="ignore", invalid="ignore"):
         out = X if X.dtype in (np.uint8, np.float16) else X.astype(np.float32, copy=False)
-        bad = 0   # rows with NaN, inf or |x| > MAX_INPUT, 4,096 rows at a time: no full-size temporary
+        bad = 0  # rows with NaN, inf or |x| > MAX_INPUT, 4,096 rows at a time: no full-size temporary
         for i in range(0, len(out), 4096) if out.dtype.kind == "f" else ():
-            block = np.abs(out[i:i + 4096].reshape(len(out[i:i + 4096]), -1))
+            block = np.abs(out[i : i + 4096].reshape(len(out[i : i + 4096]), -1))
             bad += int((~(block <= MAX_INPUT)).any(1).sum())
     if bad:
-        fail(f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in {bad} of {len(X)} rows{where} (as "
-             f"{out.dtype}); rescale X: the model's float32 batch statistics square its values")
+        fail(
+            f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in {bad} of {len(X)} rows{where} (as "
+            f"{out.dtype}); rescale X: the model's float32 batch statistics square its values"
+        )
     return out
 
 
@@ -328,9 +375,15 @@ def strings(values, path, name, unique=False):
     if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "SUO":
         fail(f"{path}: {name} should be a 1-D array of strings, found {show(values)}")
     try:
-        out = [v.decode() if isinstance(v, bytes) else v if isinstance(v, str) else fail(
-            f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string") for v in values.tolist()]
-        "".join(out).encode()   # h5py may hand back undecodable bytes as surrogates
+        out = [
+            v.decode()
+            if isinstance(v, bytes)
+            else v
+            if isinstance(v, str)
+            else fail(f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string")
+            for v in values.tolist()
+        ]
+        "".join(out).encode()  # h5py may hand back undecodable bytes as surrogates
     except UnicodeError as e:
         fail(f"{path}: {name} holds a string that is not UTF-8 ({show(e.object[:40])})")
     if unique and (len(set(out)) < len(out) or "" in out):
@@ -342,27 +395,33 @@ def strings(values, path, name, unique=False):
 def labels01(values, path, name, shape):
     """A numeric or boolean (N, C) array whose values are all 0 or 1, as bool."""
     if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf" or values.shape != shape:
-        fail(f"{path}: {name} should be {shape} numbers or booleans, found "
-             f"{getattr(values, 'shape', None)} of {getattr(values, 'dtype', type(values).__name__)}")
+        fail(
+            f"{path}: {name} should be {shape} numbers or booleans, found "
+            f"{getattr(values, 'shape', None)} of {getattr(values, 'dtype', type(values).__name__)}"
+        )
     if values.dtype.kind != "b" and not np.isin(values, (0, 1)).all():
         fail(f"{path}: {name} should hold only 0 and 1 (or booleans); found {show(np.setdiff1d(values, (0, 1))[:3])}")
     return values.astype(bool)
 
 
-H5_PROBE = ("import os, sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute, and every dataset that
-            "memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"  # fits in memory, block by block
-            "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n"
-            " if isinstance(obj, h5py.Dataset) and (obj.nbytes or 0) <= memory:\n"
-            "  for i in range(0, len(obj), 65536) if obj.shape else [0]: obj[i:i + 65536] if obj.shape else obj[()]\n"
-            "visit('/', f)\nf.visititems(visit)")
+H5_PROBE = (
+    "import os, sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute, and every dataset that
+    "memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"  # fits in memory, block by block
+    "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n"
+    " if isinstance(obj, h5py.Dataset) and (obj.nbytes or 0) <= memory:\n"
+    "  for i in range(0, len(obj), 65536) if obj.shape else [0]: obj[i:i + 65536] if obj.shape else obj[()]\n"
+    "visit('/', f)\nf.visititems(visit)"
+)
 
 
 def probe_h5(path, seconds=10):
     """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
     try:
-        limit = seconds + path.stat().st_size / 20e6     # and 20 MB/s at the least
-        crash = subprocess.run([sys.executable, "-c", H5_PROBE, str(path)], capture_output=True,
-                               timeout=limit).returncode < 0
+        limit = seconds + path.stat().st_size / 20e6  # and 20 MB/s at the least
+        crash = (
+            subprocess.run([sys.executable, "-c", H5_PROBE, str(path)], capture_output=True, timeout=limit).returncode
+            < 0
+        )
     except subprocess.TimeoutExpired:
         crash = True
     if crash:
@@ -373,6 +432,7 @@ def load_h5(path, block_bytes=64 << 20):
     """Your own .h5 (docs/data.md), every part checked before use; X is read in blocks straight into each split
     in its compact width, with no float32 copy. A file it cannot read or that breaks the layout: one line."""
     import h5py
+
     if not path.is_file():
         fail(f"no such file: {path}")
     probe_h5(path)
@@ -386,14 +446,15 @@ def load_h5(path, block_bytes=64 << 20):
 
 
 def _read_h5(f, path, block_bytes, h5py):
-    missing = [k for k in ("X", "Y", "observed", "split") if k not in f] + \
-        ([] if "class_names" in f.attrs else ["attribute class_names"])
+    missing = [k for k in ("X", "Y", "observed", "split") if k not in f] + (
+        [] if "class_names" in f.attrs else ["attribute class_names"]
+    )
     if missing:
         fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split and attribute class_names")
     d = {k: f[k] for k in ("X", "Y", "observed", "split", "keys", "Y_full") if k in f}
     for k in [k for k, v in d.items() if not isinstance(v, h5py.Dataset)]:
         fail(f"{path}: {k} should be a dataset, found a {type(d[k]).__name__}")
-    need = sum((v.size or 0) * v.dtype.itemsize for v in d.values())      # before anything is read
+    need = sum((v.size or 0) * v.dtype.itemsize for v in d.values())  # before anything is read
     if hasattr(os, "sysconf") and need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         fail(f"{path}: its arrays need {need / 2**30:.0f} GiB, more than this machine's memory")
     split = np.array(strings(d["split"][()], path, "split"))
@@ -409,7 +470,7 @@ def _read_h5(f, path, block_bytes, h5py):
     Y = d["Y"][()]
     if not isinstance(Y, np.ndarray) or Y.dtype.kind not in "biuf" or Y.shape != shape:
         fail(f"{path}: Y should be {shape} numbers, found {getattr(Y, 'shape', None)} {getattr(Y, 'dtype', '')}")
-    labels01(Y[obs], path, "Y where observed", (int(obs.sum()),))     # unobserved entries are ignored
+    labels01(Y[obs], path, "Y where observed", (int(obs.sum()),))  # unobserved entries are ignored
     Y_full = labels01(d["Y_full"][()], path, "Y_full", shape) if "Y_full" in d else None
     if Y_full is not None and (Y_full[obs] != (Y[obs] == 1)).any():
         fail(f"{path}: Y_full differs from Y where the label is observed")
@@ -419,19 +480,32 @@ def _read_h5(f, path, block_bytes, h5py):
     dset = d["X"]
     if dset.ndim < 1 or dset.shape[0] != n:
         fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
-    first = compact(dset[:1], path)   # checks rank and dtype before anything large is read
+    first = compact(dset[:1], path)  # checks rank and dtype before anything large is read
     X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
     step = max(1, block_bytes // max(1, first.nbytes))
     for a in range(0, n, step):
-        block = compact(dset[a:a + step], path, f" {a}..{min(a + step, n) - 1}")
+        block = compact(dset[a : a + step], path, f" {a}..{min(a + step, n) - 1}")
         for s, r in rows.items():
             lo, hi = np.searchsorted(r, [a, a + step])
             X[s][lo:hi] = block[r[lo:hi] - a]
-    return {s: dict(X=X[s], Y=(Y[r] == 1) & obs[r], observed=obs[r], keys=[keys[i] for i in r] if keys else None,
-                    Y_full=None if Y_full is None else Y_full[r]) for s, r in rows.items()}, names, {}
+    return (
+        {
+            s: dict(
+                X=X[s],
+                Y=(Y[r] == 1) & obs[r],
+                observed=obs[r],
+                keys=[keys[i] for i in r] if keys else None,
+                Y_full=None if Y_full is None else Y_full[r],
+            )
+            for s, r in rows.items()
+        },
+        names,
+        {},
+    )
 
 
 #####  Model  ######################################################################################
+
 
 class AttentionMIL(nn.Module):
     """Attention-pooling multiple-instance network shared by every method (paper Sec. III).
@@ -447,11 +521,13 @@ class AttentionMIL(nn.Module):
         super().__init__()
         self.config = dict(n_features=n_features, n_classes=n_classes, layers=layers, hidden=hidden, dropout=dropout)
         vector = lambda v: torch.as_tensor(np.asarray(v, np.float32)).expand(n_features).clone()  # noqa: E731
-        self.register_buffer("input_offset", vector(input_offset))   # (D,)
-        self.register_buffer("input_scale", vector(input_scale))     # (D,)
+        self.register_buffer("input_offset", vector(input_offset))  # (D,)
+        self.register_buffer("input_scale", vector(input_scale))  # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
-        self.blocks = nn.ModuleList(nn.ModuleList([nn.Linear(hidden if i else n_features, hidden, bias=False),
-                                                   nn.BatchNorm1d(hidden)]) for i in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(hidden if i else n_features, hidden, bias=False), nn.BatchNorm1d(hidden)])
+            for i in range(layers)
+        )
         self.dropout = dropout
         # The residual needs matching widths; project the input only where they differ.
         self.shortcut = nn.Identity() if n_features == hidden else nn.Linear(n_features, hidden, bias=False)
@@ -472,17 +548,17 @@ class AttentionMIL(nn.Module):
             return h
         return h * (torch.rand_like(h) >= self.dropout) / (1 - self.dropout)
 
-    def forward(self, x):                                    # x: (B, T, D), any numeric dtype
+    def forward(self, x):  # x: (B, T, D), any numeric dtype
         x = (x.float() - self.input_offset) * self.input_scale
         h = self._bn(self.input_bn, x)
         for linear, bn in self.blocks:
             h = self._drop(torch.relu(self._bn(bn, linear(h))))  # (B, T, H)
-        h = h + self.shortcut(x)                             # residual from the raw input
+        h = h + self.shortcut(x)  # residual from the raw input
         att = torch.sigmoid(self.attention(h)).clamp(1e-7, 1 - 1e-7)  # (B, T, C)
-        att = att / att.sum(dim=1, keepdim=True)             # normalised over time
-        cla = torch.sigmoid(self.classifier(h))              # (B, T, C)
+        att = att / att.sum(dim=1, keepdim=True)  # normalised over time
+        cla = torch.sigmoid(self.classifier(h))  # (B, T, C)
         # a saturated classifier can give 1 + eps: clamp, as the paper's code does with hardtanh(0, 1)
-        return (att * cla).sum(dim=1).clamp(0.0, 1.0)        # (B, C)
+        return (att * cla).sum(dim=1).clamp(0.0, 1.0)  # (B, C)
 
 
 @torch.no_grad()
@@ -490,12 +566,13 @@ def predict(model, X, batch=4096):
     """Scores (N, C) for X (N, T, D) in eval mode, in batches of float32 made one at a time, on X's device."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(X[i:i + batch]) for i in range(0, len(X), batch)])
+    out = torch.cat([model(X[i : i + batch]) for i in range(0, len(X), batch)])
     model.train(was_training)
     return out
 
 
 #####  Metrics  ####################################################################################
+
 
 def _nanmean(values):
     v = np.asarray(values, float)
@@ -507,6 +584,7 @@ def classwise_f1(scores, Y, mask, names, scored, threshold=0.5):
     the unweighted mean of the F1 of 'absent' and 'present' (classification_report's 'macro avg'), and the
     plain positive-class F1; then their mean over classes. Classes not `scored` are NaN."""
     from sklearn.metrics import f1_score
+
     macro, pos = [], []
     for c in range(Y.shape[1]):
         m = mask[:, c]
@@ -514,14 +592,19 @@ def classwise_f1(scores, Y, mask, names, scored, threshold=0.5):
         ok = scored[c] and m.any()
         macro.append(float(f1_score(y, pred, average="macro", zero_division=0)) if ok else np.nan)
         pos.append(float(f1_score(y, pred, pos_label=1, average="binary", zero_division=0)) if ok else np.nan)
-    return dict(f1_macro=_nanmean(macro), f1_pos_macro=_nanmean(pos),
-                per_class_f1_macro=dict(zip(names, macro)), per_class_f1_pos=dict(zip(names, pos)))
+    return dict(
+        f1_macro=_nanmean(macro),
+        f1_pos_macro=_nanmean(pos),
+        per_class_f1_macro=dict(zip(names, macro)),
+        per_class_f1_pos=dict(zip(names, pos)),
+    )
 
 
 def pr_area(y, scores):
     """The paper code's AUPRC: precision_recall_curve with (recall 1, precision 0) and (recall 0, precision 1)
     added, and the trapezoid area (`auc`). Not AP: y [1, 0, 1, 0], scores [.9, .8, .4, .1]: 0.791667, AP 0.833333."""
     from sklearn.metrics import auc, precision_recall_curve
+
     P, R, _ = precision_recall_curve(y, scores)
     return float(auc(np.r_[1.0, R, 0.0], np.r_[0.0, P, 1.0]))
 
@@ -530,6 +613,7 @@ def ranking_metrics(scores, Y, mask, names, scored, suffix="masked"):
     """Threshold-free metrics on the entries where mask is True: the paper's AUPRC (auprc_*) and average
     precision (ap_*), per class, their nan-mean over classes (macro), and all entries pooled (micro)."""
     from sklearn.metrics import average_precision_score
+
     out = {}
     for name, f in (("auprc", pr_area), ("ap", average_precision_score)):
         per = []
@@ -555,18 +639,31 @@ def evaluate(scores, split, data):
     out["present_share_masked"] = float(Y[obs].mean()) if obs.any() else float("nan")
     if split.Y_full is not None:
         full, everything = split.Y_full.cpu().numpy(), np.ones_like(obs)
-        out.update({f"{k}_full_truth": v for k, v in classwise_f1(scores, full, everything, data.class_names,
-                                                                  data.scored).items()})
+        out.update(
+            {
+                f"{k}_full_truth": v
+                for k, v in classwise_f1(scores, full, everything, data.class_names, data.scored).items()
+            }
+        )
         out.update(ranking_metrics(scores, full, everything, data.class_names, data.scored, "full_truth"))
         out["present_share_full_truth"] = float(full.mean())
-    if "metrics" in data.info:   # a dataset's own metrics: SONYC-UST's official DCASE ones
+    if "metrics" in data.info:  # a dataset's own metrics: SONYC-UST's official DCASE ones
         out.update(data.info["metrics"](scores, split.extra))
     return out
 
 
-HEADLINE = ("f1_macro", "auprc_macro_masked", "ap_macro_masked", "f1_macro_full_truth", "ap_macro_full_truth",
-            "dcase_fine_macro_auprc", "dcase_coarse_macro_auprc", "scored_present_share", "present_share_masked",
-            "present_share_full_truth")   # the end-of-run line: how well scores rank, then where they sit
+HEADLINE = (
+    "f1_macro",
+    "auprc_macro_masked",
+    "ap_macro_masked",
+    "f1_macro_full_truth",
+    "ap_macro_full_truth",
+    "dcase_fine_macro_auprc",
+    "dcase_coarse_macro_auprc",
+    "scored_present_share",
+    "present_share_masked",
+    "present_share_full_truth",
+)  # the end-of-run line: how well scores rank, then where they sit
 
 
 def headline(test):
@@ -575,10 +672,17 @@ def headline(test):
 
 #####  Results  ####################################################################################
 
+
 def versions():
     import sklearn
-    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                sklearn=sklearn.__version__, platform=platform.platform())
+
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+        sklearn=sklearn.__version__,
+        platform=platform.platform(),
+    )
 
 
 def device_name(device):
@@ -614,8 +718,9 @@ def jsonable(x):
 
 
 def run_record(args, device, started, **parts):
-    record = dict(args=vars(args), **parts, seconds=time.time() - started, device=device_name(device),
-                  versions=versions())
+    record = dict(
+        args=vars(args), **parts, seconds=time.time() - started, device=device_name(device), versions=versions()
+    )
     if device.type == "cuda":
         record["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return record
@@ -626,13 +731,23 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
     exists is complete. model.pt (torch.load(..., weights_only=True)) holds CPU tensors: method, primary (the
     reported network), networks (name -> state_dict), config (AttentionMIL's arguments), class_names, input_dtype."""
     networks = {name: {k: v.detach().cpu() for k, v in state.items()} for name, state in networks.items()}
-    bundle = dict(format="missing-labels model 1", method=record["method"], primary=primary, networks=networks,
-                  config=model.config, class_names=list(data.class_names),
-                  input_dtype=str(data.train.X.dtype).removeprefix("torch."))
+    bundle = dict(
+        format="missing-labels model 1",
+        method=record["method"],
+        primary=primary,
+        networks=networks,
+        config=model.config,
+        class_names=list(data.class_names),
+        input_dtype=str(data.train.X.dtype).removeprefix("torch."),
+    )
     scores = test_scores.float().cpu().numpy() if torch.is_tensor(test_scores) else test_scores
     test = data.test
-    arrays = dict(scores=scores, observed=test.observed.cpu().numpy(), labels=test.Y.cpu().numpy(),
-                  class_names=np.array(data.class_names))
+    arrays = dict(
+        scores=scores,
+        observed=test.observed.cpu().numpy(),
+        labels=test.Y.cpu().numpy(),
+        class_names=np.array(data.class_names),
+    )
     if test.Y_full is not None:
         arrays["labels_full_truth"] = test.Y_full.cpu().numpy()
     if test.keys is not None:
@@ -641,7 +756,7 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
         write_atomic(folder / "test_predictions.npz", lambda p: np.savez(p, **arrays))
-        if "write_predictions" in data.info:   # a dataset's own layout: SONYC-UST's DCASE submission
+        if "write_predictions" in data.info:  # a dataset's own layout: SONYC-UST's DCASE submission
             write = data.info["write_predictions"]
             write_atomic(folder / "test_predictions.csv", lambda p: write(p, scores, test.keys))
         write_atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(jsonable(record), indent=1)))

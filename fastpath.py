@@ -5,6 +5,7 @@ common.fast_step, and their step reads the same with or without it. It needs tor
 rate schedulers update a tensor learning rate in place, and a step without host syncs: no .item(), no
 tensor-to-number conversion (tests/test_methods.py traces every method's step on the CPU for that).
 """
+
 import sys
 
 import torch
@@ -33,14 +34,21 @@ def capture(step, example_batch, device, state):
         print("--fast: no CUDA device, so this runs the eager step (the fast path is CUDA-only)", flush=True)
         return step
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        print(f"error: --fast needs torch >= 2.4 (its schedulers update a tensor learning rate in place); this is "
-              f"torch {torch.__version__}", file=sys.stderr)
+        print(
+            f"error: --fast needs torch >= 2.4 (its schedulers update a tensor learning rate in place); this is "
+            f"torch {torch.__version__}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     optimizers = [s for s in state if isinstance(s, torch.optim.Optimizer)]
     for optimizer in optimizers:
         make_capturable(optimizer, device)
-    tensors = [t for s in state if not isinstance(s, torch.optim.Optimizer)
-               for t in (s.state_dict().values() if isinstance(s, nn.Module) else [s])]
+    tensors = [
+        t
+        for s in state
+        if not isinstance(s, torch.optim.Optimizer)
+        for t in (s.state_dict().values() if isinstance(s, nn.Module) else [s])
+    ]
     saved = [t.detach().clone() for t in tensors]
     rng = torch.cuda.get_rng_state(device)
     static = [b.clone() for b in example_batch]
@@ -50,7 +58,7 @@ def capture(step, example_batch, device, state):
         for _ in range(3):
             step(*static)
     torch.cuda.current_stream(device).wait_stream(side)
-    with torch.no_grad():          # undo the warm-up in place; the graph keeps these addresses
+    with torch.no_grad():  # undo the warm-up in place; the graph keeps these addresses
         for t, v in zip(tensors, saved):
             t.copy_(v)
         for optimizer in optimizers:
@@ -68,4 +76,5 @@ def capture(step, example_batch, device, state):
             buf.copy_(b)
         graph.replay()
         return static_loss.clone()
+
     return replay

@@ -2,6 +2,7 @@
 
 Needs matplotlib, which is optional; imported only where a figure is drawn.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ def plot(summary, out, metric=None, suffix=""):
     the seeds as jittered dots). Fig. 5: its mean ± std against the drop rate, one line per method, each
     method's points shifted a little so none hides another. Returns what was plotted."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows, vary = summary["rows"], summary["vary"]
     paper_f4 = "auprc_macro_masked" if summary["dataset"] == "sonyc" else "f1_macro"
     metrics = dict(fig4=metric or paper_f4, fig5=metric or "auprc_macro_masked")
@@ -29,8 +32,11 @@ def plot(summary, out, metric=None, suffix=""):
     caption = f"{Path(summary['dataset']).name}, {n_seeds} seed(s); {setting}"
     plotted, rng = {}, np.random.default_rng(0)
     first = min(r["rate"] for r in rows)
-    fig4 = {label(r, vary): [v for v in r["per_seed"].get(metrics["fig4"], []) if v is not None]
-            for r in rows if r["rate"] == first}
+    fig4 = {
+        label(r, vary): [v for v in r["per_seed"].get(metrics["fig4"], []) if v is not None]
+        for r in rows
+        if r["rate"] == first
+    }
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(fig4) + 2), 4.2))
     ax.boxplot(list(fig4.values()), showfliers=False, widths=0.5)
     for i, values in enumerate(fig4.values(), start=1):
@@ -62,8 +68,10 @@ def plot(summary, out, metric=None, suffix=""):
     ax.set_title(f"{metrics['fig5']} against missing labels (paper Fig. 5)\n{caption}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    plotted["fig5"] = {name: [[p[i] for p in pts] for i in range(3)]  # rates, means, stds
-                       for name, pts in lines.items()}
+    plotted["fig5"] = {
+        name: [[p[i] for p in pts] for i in range(3)]  # rates, means, stds
+        for name, pts in lines.items()
+    }
     fig.savefig(Path(out) / f"fig5{suffix}.png", dpi=120)
     plt.close(fig)
     return plotted

@@ -18,6 +18,7 @@ knowledge of which labels are missing: to it, "missing" = "not positive".
 
     python label_enhance.py --dataset openmic --seed 0
 """
+
 import argparse
 import math
 import time
@@ -45,12 +46,12 @@ def enhance_mask(scores, observed, gamma):
     enhanced = observed.clone()
     info = []
     for c in range(observed.shape[1]):
-        missing = (~observed[:, c]).nonzero().squeeze(1)              # (n_missing,)
+        missing = (~observed[:, c]).nonzero().squeeze(1)  # (n_missing,)
         s = scores[missing, c]
-        k = math.floor((100.0 - gamma) / 100.0 * len(s) + 0.5)        # labels to keep masked
+        k = math.floor((100.0 - gamma) / 100.0 * len(s) + 0.5)  # labels to keep masked
         tau = s.topk(k).values[-1] if k > 0 else torch.tensor(math.inf, device=s.device)
-        stays_masked = s >= tau                                       # Eq. (1): likely positive
-        enhanced[missing[~stays_masked], c] = True                    # now an observed negative
+        stays_masked = s >= tau  # Eq. (1): likely positive
+        enhanced[missing[~stays_masked], c] = True  # now an observed negative
         info.append(dict(tau=float(tau) if k > 0 else None, missing=len(s), masked=int(stays_masked.sum())))
     return enhanced, info
 
@@ -64,21 +65,34 @@ def percentage(value):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Label enhancement: a B0 teacher decides which missing labels are "
-                                "negatives.", allow_abbrev=False,
-                                epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}")
+    p = argparse.ArgumentParser(
+        description="Label enhancement: a B0 teacher decides which missing labels are negatives.",
+        allow_abbrev=False,
+        epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}",
+    )
     p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
-    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
-                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument(
+        "--lr",
+        type=common.float_in(1e-12, 10),
+        default=1e-3,
+        help="Adam learning rate, halved every 30 epochs (default: 0.001)",
+    )
     p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
-    p.add_argument("--gamma", type=percentage,
-                   help="percentile gamma, in %%, of the teacher's scores on missing labels (default: Table I, below)")
-    p.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
-                   help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the loss "
-                        "it trains on; observed = over observed labels only, as the paper's code (default: b0)")
+    p.add_argument(
+        "--gamma",
+        type=percentage,
+        help="percentile gamma, in %%, of the teacher's scores on missing labels (default: Table I, below)",
+    )
+    p.add_argument(
+        "--teacher-selection",
+        choices=("b0", "observed"),
+        default="b0",
+        help="the teacher's epoch: b0 = lowest validation BCE with missing labels as negatives, the loss "
+        "it trains on; observed = over observed labels only, as the paper's code (default: b0)",
+    )
     return common.add_run_args(p)
 
 
@@ -99,14 +113,21 @@ def main():
         """Train a fresh model with masked BCE under `train_mask`; return it at its best validation loss
         under `selection` ("observed" or "b0"; both are recorded every epoch)."""
         # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
-                                    input_offset=data.input_offset, input_scale=data.input_scale).to(device)
+        model = common.AttentionMIL(
+            train.X.shape[2],
+            train.Y.shape[1],
+            args.layers,
+            args.hidden,
+            args.dropout,
+            input_offset=data.input_offset,
+            input_scale=data.input_scale,
+        ).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
         # ALGO LOGIC: one training step; stage 1 passes an all-ones mask (that is B0), stage 2 the enhanced mask
-        def train_step(x, y, mask):                # x (B, T, D); y, mask (B, C)
-            p = model(x)                            # (B, C) probabilities
+        def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
+            p = model(x)  # (B, C) probabilities
             bce = F.binary_cross_entropy(p, y, reduction="none")
             loss = (bce * mask).sum() / mask.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
@@ -118,8 +139,13 @@ def main():
         # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
         batch = min(args.batch_size, len(train.X))
         n_batches = len(train.X) // batch
-        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device,
-                                args.fast, state=[model, optimizer])
+        step = common.fast_step(
+            train_step,
+            (train.X[:batch], train.Y[:batch], train_mask[:batch]),
+            device,
+            args.fast,
+            state=[model, optimizer],
+        )
         history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
         for epoch in range(1, args.epochs + 1):
             t0 = time.time()
@@ -127,7 +153,7 @@ def main():
             perm = torch.randperm(len(train.X), device=device)
             total = torch.zeros((), device=device)
             for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
+                idx = perm[i * batch : (i + 1) * batch]
                 total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
             lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
             scheduler.step()
@@ -135,46 +161,62 @@ def main():
             # model selection: the validation BCE under the `selection` mask
             p = common.predict(model, val.X)
             val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-            losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
-                      for k, m in val_masks.items()}
+            losses = {
+                f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item() for k, m in val_masks.items()
+            }
             val_loss = losses[f"val_loss_{selection}"]
             train_loss = (total / n_batches).item()  # host syncs: once an epoch
             if val_loss < best_val_loss:
                 best_val_loss, best_epoch = val_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr,
-                                seconds=time.time() - t0))
-            print(f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss_observed "
-                  f"{losses['val_loss_observed']:.4f} val_loss_b0 {losses['val_loss_b0']:.4f} | "
-                  f"{history[-1]['seconds']:.2f}s", flush=True)
+            history.append(
+                dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr, seconds=time.time() - t0)
+            )
+            print(
+                f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss_observed "
+                f"{losses['val_loss_observed']:.4f} val_loss_b0 {losses['val_loss_b0']:.4f} | "
+                f"{history[-1]['seconds']:.2f}s",
+                flush=True,
+            )
         model.load_state_dict(best_state)
         at_best = {k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")}
-        return model, best_state, dict(selection=selection, history=history, best_epoch=best_epoch,
-                                       best_val_loss=best_val_loss, **at_best)
+        return (
+            model,
+            best_state,
+            dict(selection=selection, history=history, best_epoch=best_epoch, best_val_loss=best_val_loss, **at_best),
+        )
 
     # ALGO LOGIC: stage 1, the teacher, trained as B0 (every missing label is a negative)
     teacher, teacher_state, stage1 = fit(torch.ones_like(train.Y), "teacher", args.teacher_selection)
     if stage1["best_epoch"] == 1:
-        common.warn("the teacher was selected at epoch 1: it has likely learnt nothing, and LE will add random "
-                    "negatives (see --teacher-selection)")
+        common.warn(
+            "the teacher was selected at epoch 1: it has likely learnt nothing, and LE will add random "
+            "negatives (see --teacher-selection)"
+        )
 
     # ALGO LOGIC: Eq. (1), enhance the training mask with the teacher's scores on the training clips
-    teacher_scores = common.predict(teacher, train.X)                 # (N, C)
+    teacher_scores = common.predict(teacher, train.X)  # (N, C)
     enhanced, per_class = enhance_mask(teacher_scores, train.observed, args.gamma)
     kept = int(sum(c["masked"] for c in per_class))
     n_missing = int(sum(c["missing"] for c in per_class))
-    print(f"gamma {args.gamma:g}: {kept} of {n_missing} missing labels stay masked, "
-          f"{n_missing - kept} become negatives", flush=True)
-    enhancement = dict(gamma=args.gamma, missing=n_missing, masked=kept,
-                       per_class=dict(zip(data.class_names, per_class)))
+    print(
+        f"gamma {args.gamma:g}: {kept} of {n_missing} missing labels stay masked, {n_missing - kept} become negatives",
+        flush=True,
+    )
+    enhancement = dict(
+        gamma=args.gamma, missing=n_missing, masked=kept, per_class=dict(zip(data.class_names, per_class))
+    )
     if train.Y_full is not None:  # complete truth known: how well does the masked set find the missing positives?
         masked = ~enhanced & ~train.observed
         positive = (train.Y_full > 0.5) & ~train.observed
         hits = (masked & positive).sum().item()
         enhancement["masked_precision"] = hits / max(masked.sum().item(), 1)
         enhancement["masked_recall"] = hits / max(positive.sum().item(), 1)
-        print(f"masked set vs the truth: precision {enhancement['masked_precision']:.3f} "
-              f"recall {enhancement['masked_recall']:.3f} of the missing positives", flush=True)
+        print(
+            f"masked set vs the truth: precision {enhancement['masked_precision']:.3f} "
+            f"recall {enhancement['masked_recall']:.3f} of the missing positives",
+            flush=True,
+        )
 
     # ALGO LOGIC: stage 2, a fresh student (fresh optimizer, initial learning rate) on the enhanced mask
     student, student_state, stage2 = fit(enhanced.float(), "student", "observed")
@@ -183,11 +225,21 @@ def main():
     scores = common.predict(student, data.test.X)
     test = common.evaluate(scores, data.test, data)
     print(f"best epoch {stage2['best_epoch']} | test {common.headline(test)}", flush=True)
-    record = common.run_record(args, device, started, method="label_enhance", history=stage2["history"],
-                               best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
-                               teacher=stage1, enhancement=enhancement, test=test)
-    common.save_run(folder, record, {"student": student_state, "stage1_teacher": teacher_state}, "student",
-                    student, scores, data)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="label_enhance",
+        history=stage2["history"],
+        best_epoch=stage2["best_epoch"],
+        best_val_loss=stage2["best_val_loss"],
+        teacher=stage1,
+        enhancement=enhancement,
+        test=test,
+    )
+    common.save_run(
+        folder, record, {"student": student_state, "stage1_teacher": teacher_state}, "student", student, scores, data
+    )
 
 
 if __name__ == "__main__":

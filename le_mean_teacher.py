@@ -16,6 +16,7 @@ runs beside common.py alone; a test fails if a copy drifts from its original.
 
     python le_mean_teacher.py --dataset openmic --seed 0
 """
+
 import argparse
 import copy
 import math
@@ -45,12 +46,12 @@ def enhance_mask(scores, observed, gamma):
     enhanced = observed.clone()
     info = []
     for c in range(observed.shape[1]):
-        missing = (~observed[:, c]).nonzero().squeeze(1)              # (n_missing,)
+        missing = (~observed[:, c]).nonzero().squeeze(1)  # (n_missing,)
         s = scores[missing, c]
-        k = math.floor((100.0 - gamma) / 100.0 * len(s) + 0.5)        # labels to keep masked
+        k = math.floor((100.0 - gamma) / 100.0 * len(s) + 0.5)  # labels to keep masked
         tau = s.topk(k).values[-1] if k > 0 else torch.tensor(math.inf, device=s.device)
-        stays_masked = s >= tau                                       # Eq. (1): likely positive
-        enhanced[missing[~stays_masked], c] = True                    # now an observed negative
+        stays_masked = s >= tau  # Eq. (1): likely positive
+        enhanced[missing[~stays_masked], c] = True  # now an observed negative
         info.append(dict(tau=float(tau) if k > 0 else None, missing=len(s), masked=int(stays_masked.sum())))
     return enhanced, info
 
@@ -70,10 +71,10 @@ def ema_update(teacher, student, step, ema_decay):
     """One EMA step; `step` is a device tensor counting updates. Everything stays on the device: no
     .item(), no host sync, so the step can be captured in a CUDA graph (--fast)."""
     step += 1
-    alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)   # the true average early on
+    alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)  # the true average early on
     weight = 1 - alpha
     for t, s in zip(teacher, student):
-        t.lerp_(s, weight)                                    # t = alpha t + (1 - alpha) s
+        t.lerp_(s, weight)  # t = alpha t + (1 - alpha) s
 
 
 def percentage(value):
@@ -85,25 +86,40 @@ def percentage(value):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Label enhancement with mean-teacher training in both stages.",
-                                allow_abbrev=False,
-                                epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}")
+    p = argparse.ArgumentParser(
+        description="Label enhancement with mean-teacher training in both stages.",
+        allow_abbrev=False,
+        epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}",
+    )
     p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
-    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
-                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument(
+        "--lr",
+        type=common.float_in(1e-12, 10),
+        default=1e-3,
+        help="Adam learning rate, halved every 30 epochs (default: 0.001)",
+    )
     p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
-    p.add_argument("--gamma", type=percentage,
-                   help="percentile gamma, in %%, of the teacher's scores on missing labels (default: Table I, below)")
-    p.add_argument("--ema-decay", type=common.float_in(0, 1),
-                   help="EMA decay alpha of the teacher (default: Table I, below)")
-    p.add_argument("--consistency-weight", type=common.float_in(0, 1e6),
-                   help="consistency weight beta (default: Table I, below)")
-    p.add_argument("--teacher-selection", choices=("b0", "observed"), default="b0",
-                   help="stage 1's epochs: b0 = lowest validation BCE with missing labels as negatives, the loss "
-                        "it trains on; observed = over observed labels only, as the paper's code (default: b0)")
+    p.add_argument(
+        "--gamma",
+        type=percentage,
+        help="percentile gamma, in %%, of the teacher's scores on missing labels (default: Table I, below)",
+    )
+    p.add_argument(
+        "--ema-decay", type=common.float_in(0, 1), help="EMA decay alpha of the teacher (default: Table I, below)"
+    )
+    p.add_argument(
+        "--consistency-weight", type=common.float_in(0, 1e6), help="consistency weight beta (default: Table I, below)"
+    )
+    p.add_argument(
+        "--teacher-selection",
+        choices=("b0", "observed"),
+        default="b0",
+        help="stage 1's epochs: b0 = lowest validation BCE with missing labels as negatives, the loss "
+        "it trains on; observed = over observed labels only, as the paper's code (default: b0)",
+    )
     return common.add_run_args(p)
 
 
@@ -123,8 +139,15 @@ def main():
         """Mean teacher with masked BCE under `train_mask`; returns both networks, each at its best
         validation loss under `selection` ("observed" or "b0")."""
         # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-        model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
-                                    input_offset=data.input_offset, input_scale=data.input_scale).to(device)
+        model = common.AttentionMIL(
+            train.X.shape[2],
+            train.Y.shape[1],
+            args.layers,
+            args.hidden,
+            args.dropout,
+            input_offset=data.input_offset,
+            input_scale=data.input_scale,
+        ).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
@@ -137,10 +160,10 @@ def main():
         ema_step = torch.zeros((), device=device)
 
         # ALGO LOGIC: one mean-teacher step under `mask` (all ones in stage 1: B0's BCE)
-        def train_step(x, y, mask):                # x (B, T, D); y, mask (B, C)
-            p = model(x)                            # (B, C) student, its own dropout
+        def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
+            p = model(x)  # (B, C) student, its own dropout
             with torch.no_grad():
-                q = teacher(x)                      # (B, C) teacher, another dropout draw
+                q = teacher(x)  # (B, C) teacher, another dropout draw
             bce = F.binary_cross_entropy(p, y, reduction="none")
             loss = (bce * mask).sum() / mask.sum().clamp(min=1) + args.consistency_weight * F.mse_loss(p, q)
             optimizer.zero_grad(set_to_none=True)
@@ -153,11 +176,16 @@ def main():
         # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
         batch = min(args.batch_size, len(train.X))
         n_batches = len(train.X) // batch
-        step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device,
-                                args.fast, state=[model, teacher, optimizer, ema_step])
+        step = common.fast_step(
+            train_step,
+            (train.X[:batch], train.Y[:batch], train_mask[:batch]),
+            device,
+            args.fast,
+            state=[model, teacher, optimizer, ema_step],
+        )
         history = []
-        best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)   # each network selected by its own
-        best_student = dict(val_loss=float("inf"), epoch=0, state=None)   # validation loss under `selection`
+        best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
+        best_student = dict(val_loss=float("inf"), epoch=0, state=None)  # validation loss under `selection`
         for epoch in range(1, args.epochs + 1):
             t0 = time.time()
             model.train()
@@ -165,7 +193,7 @@ def main():
             perm = torch.randperm(len(train.X), device=device)
             total = torch.zeros((), device=device)
             for i in range(n_batches):
-                idx = perm[i * batch:(i + 1) * batch]
+                idx = perm[i * batch : (i + 1) * batch]
                 total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
             lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
             scheduler.step()
@@ -178,33 +206,51 @@ def main():
                 for k, m in val_masks.items():
                     entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
                 if entry[f"val_loss_{name}_{selection}"] < best["val_loss"]:
-                    best.update(val_loss=entry[f"val_loss_{name}_{selection}"], epoch=epoch,
-                                state={k: v.detach().clone() for k, v in net.state_dict().items()})
+                    best.update(
+                        val_loss=entry[f"val_loss_{name}_{selection}"],
+                        epoch=epoch,
+                        state={k: v.detach().clone() for k, v in net.state_dict().items()},
+                    )
             entry.update(val_loss=entry[f"val_loss_teacher_{selection}"], seconds=time.time() - t0)
             history.append(entry)
-            print(f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {entry['train_loss']:.4f} val_loss_teacher "
-                  f"{entry['val_loss']:.4f} val_loss_student {entry[f'val_loss_student_{selection}']:.4f} | "
-                  f"{entry['seconds']:.2f}s", flush=True)
+            print(
+                f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {entry['train_loss']:.4f} val_loss_teacher "
+                f"{entry['val_loss']:.4f} val_loss_student {entry[f'val_loss_student_{selection}']:.4f} | "
+                f"{entry['seconds']:.2f}s",
+                flush=True,
+            )
         teacher.load_state_dict(best_teacher["state"])
         model.load_state_dict(best_student["state"])
         at_best = {k: v for k, v in history[best_teacher["epoch"] - 1].items() if k.startswith("val_loss_teacher_")}
-        return teacher, model, dict(selection=selection, history=history, best_epoch=best_teacher["epoch"],
-                                    best_val_loss=best_teacher["val_loss"], best_epoch_student=best_student["epoch"],
-                                    **at_best)
+        return (
+            teacher,
+            model,
+            dict(
+                selection=selection,
+                history=history,
+                best_epoch=best_teacher["epoch"],
+                best_val_loss=best_teacher["val_loss"],
+                best_epoch_student=best_student["epoch"],
+                **at_best,
+            ),
+        )
 
     # ALGO LOGIC: stage 1, mean teacher with every missing label as a negative
     teacher1, _, stage1 = fit(torch.ones_like(train.Y), "stage1", args.teacher_selection)
     if stage1["best_epoch"] == 1:
-        common.warn("the stage-1 teacher was selected at epoch 1: it has likely learnt nothing, and LE will add "
-                    "random negatives (see --teacher-selection)")
+        common.warn(
+            "the stage-1 teacher was selected at epoch 1: it has likely learnt nothing, and LE will add "
+            "random negatives (see --teacher-selection)"
+        )
 
     # ALGO LOGIC: Eq. (1) with the stage-1 EMA teacher's scores on the training clips
     enhanced, per_class = enhance_mask(common.predict(teacher1, train.X), train.observed, args.gamma)
     kept = int(sum(c["masked"] for c in per_class))
     n_missing = int(sum(c["missing"] for c in per_class))
     print(f"gamma {args.gamma:g}: {kept} of {n_missing} missing labels stay masked", flush=True)
-    enhancement = dict(gamma=args.gamma, missing=n_missing, masked=kept,
-                       per_class=dict(zip(data.class_names, per_class)))
+    enhancement = dict(
+        gamma=args.gamma, missing=n_missing, masked=kept, per_class=dict(zip(data.class_names, per_class))
+    )
     if train.Y_full is not None:  # complete truth known: how well does the masked set find the missing positives?
         masked = ~enhanced & ~train.observed
         positive = (train.Y_full > 0.5) & ~train.observed
@@ -220,12 +266,29 @@ def main():
     test = common.evaluate(scores, data.test, data)
     test_student = common.evaluate(common.predict(student, data.test.X), data.test, data)
     print(f"best epoch {stage2['best_epoch']} | test (teacher) {common.headline(test)}", flush=True)
-    record = common.run_record(args, device, started, method="le_mean_teacher", history=stage2["history"],
-                               best_epoch=stage2["best_epoch"], best_val_loss=stage2["best_val_loss"],
-                               best_epoch_student=stage2["best_epoch_student"], stage1=stage1,
-                               enhancement=enhancement, test=test, test_student=test_student)
-    common.save_run(folder, record, {"teacher": teacher.state_dict(), "student": student.state_dict(),
-                                     "stage1_teacher": teacher1.state_dict()}, "teacher", teacher, scores, data)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="le_mean_teacher",
+        history=stage2["history"],
+        best_epoch=stage2["best_epoch"],
+        best_val_loss=stage2["best_val_loss"],
+        best_epoch_student=stage2["best_epoch_student"],
+        stage1=stage1,
+        enhancement=enhancement,
+        test=test,
+        test_student=test_student,
+    )
+    common.save_run(
+        folder,
+        record,
+        {"teacher": teacher.state_dict(), "student": student.state_dict(), "stage1_teacher": teacher1.state_dict()},
+        "teacher",
+        teacher,
+        scores,
+        data,
+    )
 
 
 if __name__ == "__main__":

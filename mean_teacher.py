@@ -13,6 +13,7 @@ their own. Differs from B1 only by the consistency term and the EMA teacher.
 
     python mean_teacher.py --dataset openmic --seed 0
 """
+
 import argparse
 import copy
 import time
@@ -45,27 +46,35 @@ def ema_update(teacher, student, step, ema_decay):
     """One EMA step; `step` is a device tensor counting updates. Everything stays on the device: no
     .item(), no host sync, so the step can be captured in a CUDA graph (--fast)."""
     step += 1
-    alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)   # the true average early on
+    alpha = torch.clamp(1 - 1 / (step + 1), max=ema_decay)  # the true average early on
     weight = 1 - alpha
     for t, s in zip(teacher, student):
-        t.lerp_(s, weight)                                    # t = alpha t + (1 - alpha) s
+        t.lerp_(s, weight)  # t = alpha t + (1 - alpha) s
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Mean teacher: masked BCE plus consistency with an EMA teacher.",
-                                allow_abbrev=False,
-                                epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}")
+    p = argparse.ArgumentParser(
+        description="Mean teacher: masked BCE plus consistency with an EMA teacher.",
+        allow_abbrev=False,
+        epilog=f"Table I, the defaults per dataset (.h5 files use OpenMIC's): {TABLE_I}",
+    )
     p.add_argument("--epochs", type=common.positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--batch-size", type=common.positive_int, default=64, help="input batch size (default: 64)")
-    p.add_argument("--lr", type=common.float_in(1e-12, 10), default=1e-3,
-                   help="Adam learning rate, halved every 30 epochs (default: 0.001)")
+    p.add_argument(
+        "--lr",
+        type=common.float_in(1e-12, 10),
+        default=1e-3,
+        help="Adam learning rate, halved every 30 epochs (default: 0.001)",
+    )
     p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
-    p.add_argument("--ema-decay", type=common.float_in(0, 1),
-                   help="EMA decay alpha of the teacher (default: Table I, below)")
-    p.add_argument("--consistency-weight", type=common.float_in(0, 1e6),
-                   help="consistency weight beta (default: Table I, below)")
+    p.add_argument(
+        "--ema-decay", type=common.float_in(0, 1), help="EMA decay alpha of the teacher (default: Table I, below)"
+    )
+    p.add_argument(
+        "--consistency-weight", type=common.float_in(0, 1e6), help="consistency weight beta (default: Table I, below)"
+    )
     return common.add_run_args(p)
 
 
@@ -81,8 +90,15 @@ def main():
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-    model = common.AttentionMIL(train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout,
-                                input_offset=data.input_offset, input_scale=data.input_scale).to(device)
+    model = common.AttentionMIL(
+        train.X.shape[2],
+        train.Y.shape[1],
+        args.layers,
+        args.hidden,
+        args.dropout,
+        input_offset=data.input_offset,
+        input_scale=data.input_scale,
+    ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
@@ -97,13 +113,13 @@ def main():
     ema_step = torch.zeros((), device=device)
 
     # ALGO LOGIC: one training step of mean teacher
-    def train_step(x, y, observed):            # x (B, T, D); y, observed (B, C)
-        p = model(x)                            # (B, C) student probabilities, its own dropout
+    def train_step(x, y, observed):  # x (B, T, D); y, observed (B, C)
+        p = model(x)  # (B, C) student probabilities, its own dropout
         with torch.no_grad():
-            q = teacher(x)                      # (B, C) teacher probabilities, another dropout draw
+            q = teacher(x)  # (B, C) teacher probabilities, another dropout draw
         bce = F.binary_cross_entropy(p, y, reduction="none")
         classification = (bce * observed).sum() / observed.sum().clamp(min=1)  # B1's masked BCE
-        consistency = F.mse_loss(p, q)          # over all outputs, observed or not
+        consistency = F.mse_loss(p, q)  # over all outputs, observed or not
         loss = classification + args.consistency_weight * consistency
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,11 +131,16 @@ def main():
     # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast,
-                            state=[model, teacher, optimizer, ema_step])
+    step = common.fast_step(
+        train_step,
+        (train.X[:batch], train.Y[:batch], train_mask[:batch]),
+        device,
+        args.fast,
+        state=[model, teacher, optimizer, ema_step],
+    )
     history = []
-    best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)   # each network selected by its own
-    best_student = dict(val_loss=float("inf"), epoch=0, state=None)   # validation loss
+    best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
+    best_student = dict(val_loss=float("inf"), epoch=0, state=None)  # validation loss
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
         model.train()
@@ -127,7 +148,7 @@ def main():
         perm = torch.randperm(len(train.X), device=device)
         total = torch.zeros((), device=device)
         for i in range(n_batches):
-            idx = perm[i * batch:(i + 1) * batch]
+            idx = perm[i * batch : (i + 1) * batch]
             total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
@@ -139,13 +160,19 @@ def main():
             val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
             entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
             if entry[f"val_loss_{name}"] < best["val_loss"]:
-                best.update(val_loss=entry[f"val_loss_{name}"], epoch=epoch,
-                            state={k: v.detach().clone() for k, v in net.state_dict().items()})
+                best.update(
+                    val_loss=entry[f"val_loss_{name}"],
+                    epoch=epoch,
+                    state={k: v.detach().clone() for k, v in net.state_dict().items()},
+                )
         entry.update(val_loss=entry["val_loss_teacher"], seconds=time.time() - t0)
         history.append(entry)
-        print(f"epoch {epoch:3d}/{args.epochs} | train_loss {entry['train_loss']:.4f} val_loss_teacher "
-              f"{entry['val_loss_teacher']:.4f} val_loss_student {entry['val_loss_student']:.4f} | "
-              f"{entry['seconds']:.2f}s", flush=True)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | train_loss {entry['train_loss']:.4f} val_loss_teacher "
+            f"{entry['val_loss_teacher']:.4f} val_loss_student {entry['val_loss_student']:.4f} | "
+            f"{entry['seconds']:.2f}s",
+            flush=True,
+        )
 
     # TRY NOT TO MODIFY: test both selected networks (the teacher is the primary result), write the run
     teacher.load_state_dict(best_teacher["state"])
@@ -155,11 +182,27 @@ def main():
     test_student = common.evaluate(common.predict(model, data.test.X), data.test, data)
     print(f"best epoch {best_teacher['epoch']} | test (teacher) {common.headline(test)}", flush=True)
     print(f"best epoch {best_student['epoch']} | test (student) {common.headline(test_student)}", flush=True)
-    record = common.run_record(args, device, started, method="mean_teacher", history=history,
-                               best_epoch=best_teacher["epoch"], best_val_loss=best_teacher["val_loss"],
-                               best_epoch_student=best_student["epoch"], test=test, test_student=test_student)
-    common.save_run(folder, record, {"teacher": best_teacher["state"], "student": best_student["state"]},
-                    "teacher", model, scores, data)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="mean_teacher",
+        history=history,
+        best_epoch=best_teacher["epoch"],
+        best_val_loss=best_teacher["val_loss"],
+        best_epoch_student=best_student["epoch"],
+        test=test,
+        test_student=test_student,
+    )
+    common.save_run(
+        folder,
+        record,
+        {"teacher": best_teacher["state"], "student": best_student["state"]},
+        "teacher",
+        model,
+        scores,
+        data,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ strings and nothing else, bounded by the file's own size. Everything read is val
 shapes, value ranges, unique identities, disjoint partitions. `common.load_dataset` calls `load` for
 `--dataset openmic`. Errors are raised as DataError, one line each.
 """
+
 import collections
 import json
 import math
@@ -26,13 +27,14 @@ def fail(msg):
 
 
 def show(value, width=60):  # a value from the file in a message, cut to `width` characters
-    return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
+    return repr(value) if len(repr(value)) <= width else repr(value)[: width - 5] + " ...'"
 
 
 def size_of(shape):
     """The element count of a claimed shape, in Python integers (no overflow); None if it is no shape."""
-    ok = isinstance(shape, tuple) and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
-                                          for d in shape)
+    ok = isinstance(shape, tuple) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
     return math.prod(int(d) for d in shape) if ok else None
 
 
@@ -78,7 +80,7 @@ class _StringArrayUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(f"an array of {dt} is not an array of strings")
         return dt
 
-    def load_build(self):   # BUILD: arr.__setstate__((version, shape, dtype, fortran, data)), checked first
+    def load_build(self):  # BUILD: arr.__setstate__((version, shape, dtype, fortran, data)), checked first
         state, inst = self.stack[-1], self.stack[-2]
         if isinstance(inst, np.ndarray):
             size = size_of(state[1]) if isinstance(state, tuple) and len(state) == 5 else None
@@ -92,6 +94,7 @@ class _StringArrayUnpickler(pickle._Unpickler):
 
 class _NDArrayToken:
     """What a pickle gets for numpy.ndarray: the type _reconstruct expects; calling it is refused."""
+
     def __call__(self, *args, **kwargs):
         raise pickle.UnpicklingError("it calls numpy.ndarray directly, which a plain array of strings never does")
 
@@ -116,8 +119,10 @@ def read_member(zf, name, path, allow_strings=False):
             a = _StringArrayUnpickler(fh, min(info.file_size, MEMORY // 64)).load()
         else:
             if count * dtype.itemsize != info.file_size - fh.tell():
-                fail(f"{path}: {name} claims {shape} {dtype} but holds {info.file_size - fh.tell()} bytes "
-                     f"(a damaged or truncated file)")
+                fail(
+                    f"{path}: {name} claims {shape} {dtype} but holds {info.file_size - fh.tell()} bytes "
+                    f"(a damaged or truncated file)"
+                )
             if count * dtype.itemsize > MEMORY:
                 fail(f"{path}: {name} needs {count * dtype.itemsize / 2**30:.0f} GiB, more than this machine has")
             data = fh.read(count * dtype.itemsize)
@@ -144,7 +149,7 @@ def read_npz(path, names, strings=()):
         raise
     except pickle.UnpicklingError as e:
         fail(f"{path}: refused to read {k}: {e}")
-    except Exception as e:   # damaged zip or .npy structure, unknown compression, CRC errors, ...
+    except Exception as e:  # damaged zip or .npy structure, unknown compression, CRC errors, ...
         fail(f"cannot read {path}: {type(e).__name__}: {show(str(e), 150)}")
     return out
 
@@ -156,7 +161,7 @@ def as_strings(a, path, name):
         fail(f"{path}: {name} should be an array of strings, found {show([type(v).__name__ for v in values[:3]])}")
     try:
         out = [v.decode() if isinstance(v, bytes) else v for v in values]
-        "".join(out).encode()   # a pickled str may carry lone surrogates
+        "".join(out).encode()  # a pickled str may carry lone surrogates
     except UnicodeError:
         fail(f"{path}: {name} holds bytes that are not UTF-8")
     if len(set(out)) < len(out) or "" in out:
@@ -167,11 +172,13 @@ def as_strings(a, path, name):
 
 def read_class_map(path, n_classes):
     """class-map.json: {name: index}, the indices exactly 0..C-1, the names unique and non-empty."""
+
     def no_duplicates(pairs):
         names = [k for k, _ in pairs]
         if len(set(names)) < len(names):
             fail(f"{path}: a class named twice")
         return dict(pairs)
+
     try:
         class_map = json.loads(path.read_bytes().decode("utf-8-sig"), object_pairs_hook=no_duplicates)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -179,8 +186,10 @@ def read_class_map(path, n_classes):
     if not isinstance(class_map, dict) or not all(type(v) is int for v in class_map.values()):
         fail(f'{path}: expected {{"name": index, ...}}, found {show(class_map)}')
     if sorted(class_map.values()) != list(range(n_classes)) or "" in class_map:
-        fail(f"{path} should name each of the {n_classes} label columns once, indices 0..{n_classes - 1}, with "
-             f"non-empty names; found {len(class_map)} names, indices {show(sorted(class_map.values()))}")
+        fail(
+            f"{path} should name each of the {n_classes} label columns once, indices 0..{n_classes - 1}, with "
+            f"non-empty names; found {len(class_map)} names, indices {show(sorted(class_map.values()))}"
+        )
     return sorted(class_map, key=class_map.get)
 
 
@@ -198,8 +207,9 @@ def read_keys(root, kind):
             if not keys:
                 fail(f"{path}: no sample key")
             return path, keys
-    fail(f"missing partitions/split01_{kind}.csv (or partitions/{kind}01.txt) under {root}\n"
-         + LAYOUT.format(root=root))
+    fail(
+        f"missing partitions/split01_{kind}.csv (or partitions/{kind}01.txt) under {root}\n" + LAYOUT.format(root=root)
+    )
 
 
 def load_openmic(root, val_share=0.15, split_seed=0):
@@ -218,8 +228,9 @@ def load_openmic(root, val_share=0.15, split_seed=0):
     if X.ndim != 3 or X.shape[0] != n or 0 in X.shape:
         fail(f"{npz_path}: X should be (N, frames, features) with N = {n} keys, found {X.shape}")
     if Y_true.ndim != 2 or Y_mask.shape != Y_true.shape or Y_true.shape[0] != n or Y_true.shape[1] == 0:
-        fail(f"{npz_path}: Y_true and Y_mask should both be (N, C) with N = {n}, "
-             f"found {Y_true.shape} and {Y_mask.shape}")
+        fail(
+            f"{npz_path}: Y_true and Y_mask should both be (N, C) with N = {n}, found {Y_true.shape} and {Y_mask.shape}"
+        )
     for name, a in (("X", X), ("Y_true", Y_true), ("Y_mask", Y_mask)):
         if a.dtype.kind not in "biuf":
             fail(f"{npz_path}: {name} has dtype {a.dtype}; expected numbers")
@@ -253,6 +264,7 @@ def load_openmic(root, val_share=0.15, split_seed=0):
     def take(r):
         obs = Y_mask[r].astype(bool)
         return dict(X=X[r], Y=(Y_true[r] >= 0.5) & obs, observed=obs, keys=[str(keys[i]) for i in r])
+
     return {s: take(rows[s]) for s in ("train", "val", "test")}, names, dict(input_scale=1 / 255, source=npz_path)
 
 

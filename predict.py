@@ -12,6 +12,7 @@ it, or (N, T, D)); optional keys (N,) name the clips. Give the embeddings as the
     model, meta = load_run("runs/synthetic__mean_teacher__seed0")
     scores = common.predict(model, torch.from_numpy(X))          # (N, C), columns meta["class_names"]
 """
+
 import argparse
 import csv
 import zipfile
@@ -34,8 +35,10 @@ def load_run(folder, device="cpu"):
         model = common.AttentionMIL(**bundle["config"]).to(device)
         model.load_state_dict(bundle["networks"][bundle["primary"]])
     except Exception as e:  # a corrupt or foreign file fails in many ways
-        common.fail(f"cannot load {path} (a run written by this version of missing-labels?): "
-                    f"{common.show((str(e) or type(e).__name__).splitlines()[0], 150)}")
+        common.fail(
+            f"cannot load {path} (a run written by this version of missing-labels?): "
+            f"{common.show((str(e) or type(e).__name__).splitlines()[0], 150)}"
+        )
     return model.eval(), {k: v for k, v in bundle.items() if k != "networks"}
 
 
@@ -50,6 +53,7 @@ def read_input(path):
     try:
         if path.suffix in (".h5", ".hdf5"):
             import h5py
+
             common.probe_h5(path)
             with h5py.File(path, "r") as f:
                 if not isinstance(f.get("X"), h5py.Dataset):
@@ -62,7 +66,7 @@ def read_input(path):
                 if name is None:
                     common.fail(f"{path}: no array X or embedding; found {common.show(z.files, 100)}")
                 X = z[name]
-                X = X[None] if name == "embedding" and X.ndim == 2 else X   # one openl3 clip
+                X = X[None] if name == "embedding" and X.ndim == 2 else X  # one openl3 clip
                 keys = common.strings(z["keys"], path, "keys") if "keys" in z.files else None
     except common.UserError:
         raise
@@ -77,17 +81,22 @@ def main():
     p = argparse.ArgumentParser(description="Tag new clips with a trained run.", allow_abbrev=False)
     p.add_argument("run_dir", type=Path, help="a finished run's folder (it holds model.pt)")
     p.add_argument("input", type=Path, help=".h5 with X, or .npz with X or embedding")
-    p.add_argument("--out", type=Path, default=Path("tags.csv"),
-                   help="CSV to write: clip, then one column per class (default: tags.csv)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tags.csv"),
+        help="CSV to write: clip, then one column per class (default: tags.csv)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     args = p.parse_args()
     device = common.get_device(args.device)
     model, meta = load_run(args.run_dir, device)
     X, keys = read_input(args.input)
     if X.shape[2] != model.config["n_features"]:
-        common.fail(f"{args.input}: {X.shape[2]} features per frame, but the run was trained on "
-                    f"{model.config['n_features']}")
-    scores = common.predict(model, torch.from_numpy(X).to(device)).cpu().numpy()   # (N, C)
+        common.fail(
+            f"{args.input}: {X.shape[2]} features per frame, but the run was trained on {model.config['n_features']}"
+        )
+    scores = common.predict(model, torch.from_numpy(X).to(device)).cpu().numpy()  # (N, C)
 
     def write(path):
         with open(path, "w", newline="") as fh:
@@ -95,13 +104,16 @@ def main():
             w.writerow(["clip"] + meta["class_names"])
             for i, row in enumerate(scores):
                 w.writerow([keys[i] if keys else i] + [f"{v:.9g}" for v in row])
+
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         common.write_atomic(args.out, write)
     except OSError as e:
         common.fail(f"--out {args.out}: cannot write this file ({e.strerror or e})")
-    print(f"wrote {args.out}: {len(scores)} clips x {scores.shape[1]} classes ({meta['method']}, "
-          f"network '{meta['primary']}')")
+    print(
+        f"wrote {args.out}: {len(scores)} clips x {scores.shape[1]} classes ({meta['method']}, "
+        f"network '{meta['primary']}')"
+    )
 
 
 if __name__ == "__main__":

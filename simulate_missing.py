@@ -7,6 +7,7 @@ interrupted sweep resumes; then prints mean ± population std over seeds, writes
     python simulate_missing.py --rates 0 0.1 0.2 0.4 0.8 --seeds 0 1 2 3 4 --jobs 2 --plot
     python simulate_missing.py --methods b1 mean_teacher --vary lr=0.001,0.005 --seeds 0 1 2 --plot
 """
+
 import argparse
 import concurrent.futures
 import contextlib
@@ -34,9 +35,21 @@ METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
 # The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
-TABLE_KEYS = ("f1_macro", "auprc_macro_masked", "ap_macro_masked", "scored_present_share", "present_share_masked",
-              "f1_macro_full_truth", "ap_macro_full_truth", "present_share_full_truth", "dcase_fine_macro_auprc",
-              "dcase_coarse_macro_auprc", "masked_precision", "masked_recall", "teacher_epoch")
+TABLE_KEYS = (
+    "f1_macro",
+    "auprc_macro_masked",
+    "ap_macro_masked",
+    "scored_present_share",
+    "present_share_masked",
+    "f1_macro_full_truth",
+    "ap_macro_full_truth",
+    "present_share_full_truth",
+    "dcase_fine_macro_auprc",
+    "dcase_coarse_macro_auprc",
+    "masked_precision",
+    "masked_recall",
+    "teacher_epoch",
+)
 
 
 def read_json(path):
@@ -69,12 +82,16 @@ def check_options(args, extra, own):
     accepted = set().union(*(method_options(m)[1] for m in args.methods))
     for name in [g[0] for g in option_groups(extra)] + [f"--{k}" for k in args.vary]:
         if name in SET_BY_SWEEP + (("--device",) if args.devices else ()):
-            common.fail(f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-seed, "
-                        f"--threads, --devices, --out, or run the method script directly)")
+            common.fail(
+                f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-seed, "
+                f"--threads, --devices, --out, or run the method script directly)"
+            )
         if name not in accepted:
             close = difflib.get_close_matches(name, sorted(own | accepted), n=2)
-            common.fail(f"{name}: no option of the sweep or of {', '.join(args.methods)}"
-                        + (f"; did you mean {' or '.join(close)}?" if close else ""))
+            common.fail(
+                f"{name}: no option of the sweep or of {', '.join(args.methods)}"
+                + (f"; did you mean {' or '.join(close)}?" if close else "")
+            )
     both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
     if both:
         common.fail(f"{sorted(both)[0]} is both varied and passed through; give it once")
@@ -102,13 +119,23 @@ def plan(args, extra):
             values = dict(zip(axes, combo))
             for rate in args.rates:
                 for seed in args.seeds:
-                    argv = ["--dataset", args.dataset, "--level", args.level, "--out", args.out, "--seed", str(seed),
-                            "--drop-rate", f"{rate:g}"] + [t for k, v in values.items() for t in (f"--{k}", v)]
+                    argv = [
+                        "--dataset",
+                        args.dataset,
+                        "--level",
+                        args.level,
+                        "--out",
+                        args.out,
+                        "--seed",
+                        str(seed),
+                        "--drop-rate",
+                        f"{rate:g}",
+                    ] + [t for k, v in values.items() for t in (f"--{k}", v)]
                     if args.drop_seed == "seed" and rate > 0:
                         argv += ["--drop-seed", str(seed)]
                     parser = module.get_parser()
                     parser.error = lambda message: common.fail(f"{method}.py: {message}")  # one line, not its usage
-                    with contextlib.redirect_stderr(io.StringIO()):   # its warnings: once, by the sweep
+                    with contextlib.redirect_stderr(io.StringIO()):  # its warnings: once, by the sweep
                         run_args = common.parse_args(parser, module.TABLE_I, argv + passed)
                     folder = Path(args.out) / common.run_name(run_args, method)
                     if folder in seen:
@@ -117,25 +144,39 @@ def plan(args, extra):
                     done = folder / "metrics.json"
                     diff = common.config_diff(read_json(done).get("args", {}), vars(run_args)) if done.is_file() else ""
                     status = "pending" if not done.is_file() else ("stale" if diff else "finished")
-                    runs.append(dict(method=method, values=values, rate=rate, seed=seed, argv=argv + passed,
-                                     folder=folder, status=status, diff=diff))
+                    runs.append(
+                        dict(
+                            method=method,
+                            values=values,
+                            rate=rate,
+                            seed=seed,
+                            argv=argv + passed,
+                            folder=folder,
+                            status=status,
+                            diff=diff,
+                        )
+                    )
     return runs
 
 
 def launch(run, devices, threads):
-    device = devices.get()     # one of the --jobs slots, each pinned to a device
+    device = devices.get()  # one of the --jobs slots, each pinned to a device
     cmd = [sys.executable, str(HERE / f"{run['method']}.py"), *run["argv"], "--threads", str(threads)]
     cmd += ["--device", device] if device else []
     log = run["folder"].parent / "logs" / (run["folder"].name + ".log")
     t0 = time.time()
     try:
-        with open(log, "w") as fh:   # in the folder the sweep was started from: paths mean the same there
-            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        with open(log, "w") as fh:  # in the folder the sweep was started from: paths mean the same there
+            rc = subprocess.call(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+            )
     finally:
         devices.put(device)
-    print(f"{'done' if rc == 0 else f'FAILED ({rc})'}: {run['folder'].name}{f' on {device}' if device else ''} "
-          f"in {time.time() - t0:.0f}s" + ("" if rc == 0 else f", see {log}"), flush=True)
+    print(
+        f"{'done' if rc == 0 else f'FAILED ({rc})'}: {run['folder'].name}{f' on {device}' if device else ''} "
+        f"in {time.time() - t0:.0f}s" + ("" if rc == 0 else f", see {log}"),
+        flush=True,
+    )
     return rc
 
 
@@ -160,8 +201,9 @@ def summarize(args, runs):
     for (method, values, rate), ms in groups.items():
         row = dict(method=method, **dict(values), rate=rate, seeds=len(ms))
         scalar = [k for k, v in ms[0]["test"].items() if isinstance(v, (int, float)) or v is None]
-        row["per_seed"] = {k: [metric_of(m, k) for m in ms] for k in scalar + ["teacher_epoch"]
-                           if metric_of(ms[0], k) is not None}
+        row["per_seed"] = {
+            k: [metric_of(m, k) for m in ms] for k in scalar + ["teacher_epoch"] if metric_of(ms[0], k) is not None
+        }
         for key in TABLE_KEYS:
             v = np.array([metric_of(m, key) for m in ms if metric_of(m, key) is not None], float)
             if len(v):
@@ -185,7 +227,7 @@ def markdown(rows, key, rates, vary):
             r = cell.get((name, rate))
             if r is None:
                 vals.append("–")
-            elif key == "teacher_epoch":   # a count: its range over seeds
+            elif key == "teacher_epoch":  # a count: its range over seeds
                 vals.append(f"{r['teacher_epoch_min']}–{r['teacher_epoch_max']} (n={r['seeds']})")
             else:
                 vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})")
@@ -194,31 +236,67 @@ def markdown(rows, key, rates, vary):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                epilog="Any other option of the method scripts passes through to those that accept it.")
-    p.add_argument("--dataset", type=common.dataset_arg, default="synthetic",
-                   help="as for the method scripts (default: synthetic)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Any other option of the method scripts passes through to those that accept it.",
+    )
+    p.add_argument(
+        "--dataset", type=common.dataset_arg, default="synthetic", help="as for the method scripts (default: synthetic)"
+    )
     p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS[:4]),
-                   help="method scripts to run (default: b0 b1 label_enhance mean_teacher)")
-    p.add_argument("--rates", nargs="+", type=common.float_in(0, 1, hi_open=True), default=[0.0],
-                   help="shares of the observed training labels to remove; the paper: 0 0.1 0.2 0.4 0.8 (default: 0)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS[:4]),
+        help="method scripts to run (default: b0 b1 label_enhance mean_teacher)",
+    )
+    p.add_argument(
+        "--rates",
+        nargs="+",
+        type=common.float_in(0, 1, hi_open=True),
+        default=[0.0],
+        help="shares of the observed training labels to remove; the paper: 0 0.1 0.2 0.4 0.8 (default: 0)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (default: 0 1 2 3 4)")
-    p.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
-                   help="an option of the method scripts to put on the grid, e.g. lr=0.001,0.005; repeatable")
-    p.add_argument("--drop-seed", choices=("fixed", "seed"), default="fixed",
-                   help="which labels a drop rate removes: the same for every seed (fixed), or drawn with each "
-                        "training seed (seed), as the paper's code did (default: fixed)")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="an option of the method scripts to put on the grid, e.g. lr=0.001,0.005; repeatable",
+    )
+    p.add_argument(
+        "--drop-seed",
+        choices=("fixed", "seed"),
+        default="fixed",
+        help="which labels a drop rate removes: the same for every seed (fixed), or drawn with each "
+        "training seed (seed), as the paper's code did (default: fixed)",
+    )
     p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once (default: 1)")
-    p.add_argument("--threads", type=common.positive_int,
-                   help="CPU threads of each run (default: the machine's cores shared out among --jobs)")
-    p.add_argument("--devices", nargs="+", help="devices to spread the runs over, e.g. cuda:0 cuda:1; each run is "
-                   "pinned to one (default: each script's own choice)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print one command per pending run, run nothing; run the same sweep afterwards to collect")
+    p.add_argument(
+        "--threads",
+        type=common.positive_int,
+        help="CPU threads of each run (default: the machine's cores shared out among --jobs)",
+    )
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        help="devices to spread the runs over, e.g. cuda:0 cuda:1; each run is "
+        "pinned to one (default: each script's own choice)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print one command per pending run, run nothing; run the same sweep afterwards to collect",
+    )
     p.add_argument("--plot", action="store_true", help="also draw Fig. 4 and Fig. 5 (needs matplotlib)")
-    p.add_argument("--metric", help="the metric of both figures (default: the paper's: Fig. 4 f1_macro, on "
-                   "SONYC-UST auprc_macro_masked; Fig. 5 auprc_macro_masked)")
+    p.add_argument(
+        "--metric",
+        help="the metric of both figures (default: the paper's: Fig. 4 f1_macro, on "
+        "SONYC-UST auprc_macro_masked; Fig. 5 auprc_macro_masked)",
+    )
     p.add_argument("--out", default="runs", help="folder for the runs, logs, summaries and figures (default: runs)")
     return p
 
@@ -227,24 +305,29 @@ def main():
     parser = get_parser()
     args, extra = parser.parse_known_args()
     own = {s for a in parser._actions for s in a.option_strings}
-    args.methods = [m for m in METHODS if m in args.methods]     # each once, in the paper's order
+    args.methods = [m for m in METHODS if m in args.methods]  # each once, in the paper's order
     args.vary = parse_vary(args.vary)
     for g in args.vary.get("gamma", []):
         if g.replace(".", "", 1).isdigit() and 0 < float(g) < 1:
             common.warn(f"gamma {g} is a percentage: {g} means {float(g):g}%, not {float(g):.0%}")
     check_options(args, extra, own)
-    for device in args.devices or [t.split("=")[-1] for name, tokens in option_groups(extra) if name == "--device"
-                                   for t in tokens[-1:]]:
-        common.get_device(device, use=False)       # an unavailable device stops the sweep before any run
+    for device in args.devices or [
+        t.split("=")[-1] for name, tokens in option_groups(extra) if name == "--device" for t in tokens[-1:]
+    ]:
+        common.get_device(device, use=False)  # an unavailable device stops the sweep before any run
     if args.threads and args.threads * args.jobs > (os.cpu_count() or 1):
-        common.warn(f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
-                    f"cores: slower, not faster")
+        common.warn(
+            f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
+            f"cores: slower, not faster"
+        )
 
     runs = plan(args, extra)
     stale = [r for r in runs if r["status"] == "stale"]
     if stale:
-        common.fail(f"{len(stale)} finished run(s) in {args.out} were made with other settings, first "
-                    f"{stale[0]['folder'].name} ({stale[0]['diff']}); use another --out, or delete them to rerun")
+        common.fail(
+            f"{len(stale)} finished run(s) in {args.out} were made with other settings, first "
+            f"{stale[0]['folder'].name} ({stale[0]['diff']}); use another --out, or delete them to rerun"
+        )
     todo = [r for r in runs if r["status"] == "pending"]
     if args.dry_run:
         for r in todo:
@@ -252,8 +335,10 @@ def main():
         return
     common.check_writable(args.out)
     Path(args.out, "logs").mkdir(parents=True, exist_ok=True)
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do, {args.jobs} at a time",
-          flush=True)
+    print(
+        f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do, {args.jobs} at a time",
+        flush=True,
+    )
     devices = queue.Queue()
     for i in range(args.jobs):
         devices.put(args.devices[i % len(args.devices)] if args.devices else None)
@@ -266,50 +351,71 @@ def main():
     out = Path(args.out)
     if todo and failed == len(todo):
         log = out / "logs" / (todo[0]["folder"].name + ".log")
-        common.fail(f"all {failed} run(s) of this sweep failed (first log: {log}); no summary written, "
-                    f"earlier ones left as they were")
+        common.fail(
+            f"all {failed} run(s) of this sweep failed (first log: {log}); no summary written, "
+            f"earlier ones left as they were"
+        )
 
     rows = summarize(args, runs)
     if args.plot and args.metric and not any(args.metric in r["per_seed"] for r in rows):
-        common.fail(f"--metric {args.metric}: no run of this sweep has it; choose from "
-                    f"{common.show(sorted({k for r in rows for k in r['per_seed']}), 200)}")
+        common.fail(
+            f"--metric {args.metric}: no run of this sweep has it; choose from "
+            f"{common.show(sorted({k for r in rows for k in r['per_seed']}), 200)}"
+        )
     for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
         table = markdown(rows, key, args.rates, args.vary)
         if table:
             print("\n" + table)
-    shares = [f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth")
-              if rows and k in rows[0]]
-    if shares:   # what scored_present_share compares with: the test labels' own share of positives
+    shares = [
+        f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth") if rows and k in rows[0]
+    ]
+    if shares:  # what scored_present_share compares with: the test labels' own share of positives
         print(f"\ntest labels: {', '.join(shares)}")
-    grid = dict(dataset=args.dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds,
-                vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
-    summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows,
-                   versions=common.versions())
+    grid = dict(
+        dataset=args.dataset,
+        level=args.level,
+        methods=args.methods,
+        rates=args.rates,
+        seeds=args.seeds,
+        vary=args.vary,
+        drop_seed=args.drop_seed,
+        passed_through=extra,
+    )
+    summary = dict(
+        **grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows, versions=common.versions()
+    )
     name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-    columns = ["method", *args.vary, "rate", "seeds"] + sorted({k for r in rows for k in r} - {
-        "method", "rate", "seeds", "per_seed", *args.vary})
+    columns = ["method", *args.vary, "rate", "seeds"] + sorted(
+        {k for r in rows for k in r} - {"method", "rate", "seeds", "per_seed", *args.vary}
+    )
 
     def write_csv(p):
         with open(p, "w", newline="") as fh:
             w = csv.DictWriter(fh, columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-    for stem in (name, "summary"):   # this grid's own summary, and a copy as the latest one
-        common.write_atomic(out / f"{stem}.json",
-                            lambda p: Path(p).write_text(json.dumps(common.jsonable(summary), indent=1)))
+
+    for stem in (name, "summary"):  # this grid's own summary, and a copy as the latest one
+        common.write_atomic(
+            out / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(common.jsonable(summary), indent=1))
+        )
         common.write_atomic(out / f"{stem}.csv", write_csv)
-    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest) | "
-          f"sweep wall time {wall:.0f}s", flush=True)
+    print(
+        f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest) | sweep wall time {wall:.0f}s",
+        flush=True,
+    )
     if failed:
         common.fail(f"{failed} run(s) failed; their logs are in {out / 'logs'}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            common.fail("--plot needs matplotlib, which is optional: pip install matplotlib "
-                        "(the runs and the summary are written; rerun the same sweep to plot)")
+            common.fail(
+                "--plot needs matplotlib, which is optional: pip install matplotlib "
+                "(the runs and the summary are written; rerun the same sweep to plot)"
+            )
         tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
-        for suffix in (tag, ""):   # this sweep's figures, and a copy as the latest ones
+        for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
             figures.plot(common.jsonable(summary), out, args.metric, suffix)
         print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 

@@ -8,6 +8,7 @@ used to score a DCASE submission without the challenge's pandas/oyaml tool chain
 prints the fine and coarse micro/macro AUPRC and micro-F1 as JSON. `common.load_dataset` calls
 `load_sonyc` for `--dataset sonyc`. Errors are raised as DataError, one line each.
 """
+
 import argparse
 import collections
 import csv
@@ -44,8 +45,9 @@ COARSE_COL = re.compile(r"^(\d+)_(.+)_presence$")
 #  Annotations: one target per clip, as the DCASE 2020 baseline (and the paper's code)
 #####################################################################################
 
+
 def show(value, width=60):  # a value from the file in a message, cut to `width` characters
-    return repr(value) if len(repr(value)) <= width else repr(value)[:width - 5] + " ...'"
+    return repr(value) if len(repr(value)) <= width else repr(value)[: width - 5] + " ...'"
 
 
 def taxonomy(header, csv_path):
@@ -58,26 +60,32 @@ def taxonomy(header, csv_path):
     missing += [] if coarse else ["<c>_<name>_presence (coarse tags)"]
     if missing:
         fail(f"{csv_path}: missing required column(s) {missing}")
-    twice = sorted({f"{c}-{f}" for c, f, _ in fine if sum(1 for d, g, _ in fine if (d, g) == (c, f)) > 1}
-                   | {str(c) for c, _ in coarse if sum(1 for d, _ in coarse if d == c) > 1})
+    twice = sorted(
+        {f"{c}-{f}" for c, f, _ in fine if sum(1 for d, g, _ in fine if (d, g) == (c, f)) > 1}
+        | {str(c) for c, _ in coarse if sum(1 for d, _ in coarse if d == c) > 1}
+    )
     if twice:
         fail(f"{csv_path}: tag(s) {show(twice)} have more than one presence column")
     groups = [c for c, _ in coarse]
     orphans = sorted({c for c, _, _ in fine} - set(groups))
     empty = sorted(set(groups) - {c for c, f, _ in fine if f != "X"})
     if orphans or empty:
-        fail(f"{csv_path}: the fine tags of group(s) {orphans} have no coarse presence column" if orphans else
-             f"{csv_path}: coarse group(s) {empty} have no complete fine tag")
+        fail(
+            f"{csv_path}: the fine tags of group(s) {orphans} have no coarse presence column"
+            if orphans
+            else f"{csv_path}: coarse group(s) {empty} have no complete fine tag"
+        )
     complete = [(c, name) for c, f, name in fine if f != "X"]
     tax = dict(
-        coarse_names=[name[:-len("_presence")] for _, name in coarse],
-        fine_names=[name[:-len("_presence")] for _, name in complete],
-        fine_group=np.array([groups.index(c) for c, _ in complete]),           # (23,) coarse index of each fine tag
-        all_fine_names=[name[:-len("_presence")] for _, _, name in fine],
+        coarse_names=[name[: -len("_presence")] for _, name in coarse],
+        fine_names=[name[: -len("_presence")] for _, name in complete],
+        fine_group=np.array([groups.index(c) for c, _ in complete]),  # (23,) coarse index of each fine tag
+        all_fine_names=[name[: -len("_presence")] for _, _, name in fine],
         x_groups=[groups.index(c) for c, f, _ in fine if f == "X"],
     )
-    tax["columns"] = [name for _, name in complete] + [name for c, f, name in fine if f == "X"] + \
-        [name for _, name in coarse]
+    tax["columns"] = (
+        [name for _, name in complete] + [name for c, f, name in fine if f == "X"] + [name for _, name in coarse]
+    )
     return tax
 
 
@@ -85,7 +93,7 @@ def read_annotations(csv_path):
     """Parse annotations.csv by column name, every value checked. Returns (rows, taxonomy), where rows is a
     list of (split, audio_filename, annotator_id, presence vector over taxonomy['columns'])."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:   # a BOM (a spreadsheet's save) is accepted
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # a BOM (a spreadsheet's save) is accepted
             reader = csv.reader(fh)
             header = next(reader)
             table = list(reader)
@@ -124,8 +132,10 @@ def read_annotations(csv_path):
         if split_of.setdefault(fname, split) != split:
             fail(f"{csv_path}, line {line}: {show(fname)} is in both {split_of[fname]} and {split}")
         if clip_of.setdefault(Path(fname).stem, fname) != fname:
-            fail(f"{csv_path}, line {line}: {show(fname)} and {show(clip_of[Path(fname).stem])} would share one "
-                 f"embedding file, {Path(fname).stem}.npz")
+            fail(
+                f"{csv_path}, line {line}: {show(fname)} and {show(clip_of[Path(fname).stem])} would share one "
+                f"embedding file, {Path(fname).stem}.npz"
+            )
         rows.append((split, fname, int(float(annotator)), vals))
     return rows, tax
 
@@ -143,7 +153,7 @@ def aggregate(rows, tax):
         names = sorted(f for s, f in per_clip if s == split)
         agg = []
         for f in names:
-            v = np.array(per_clip[(split, f)])                         # (annotators, columns)
+            v = np.array(per_clip[(split, f)])  # (annotators, columns)
             agg.append(np.where((v == 1).any(0), 1, np.where((v == 0).any(0), 0, -1)))
         out[split] = (names, np.array(agg, dtype=np.int64).reshape(len(names), len(tax["columns"])))
     return out
@@ -154,8 +164,8 @@ def targets(values, tax, level):
     is missing where its value is -1 or where its group's X tag is present (the annotator knew
     the group, not the fine type)."""
     n_fine, n_x = len(tax["fine_names"]), len(tax["x_groups"])
-    fine, xtag, coarse = values[:, :n_fine], values[:, n_fine:n_fine + n_x], values[:, n_fine + n_x:]
-    x_present = np.zeros((len(values), len(tax["coarse_names"])), bool)   # (N, 8)
+    fine, xtag, coarse = values[:, :n_fine], values[:, n_fine : n_fine + n_x], values[:, n_fine + n_x :]
+    x_present = np.zeros((len(values), len(tax["coarse_names"])), bool)  # (N, 8)
     x_present[:, tax["x_groups"]] = xtag == 1
     if level == "coarse":
         return coarse == 1, coarse != -1, x_present
@@ -166,8 +176,11 @@ def targets(values, tax, level):
 def truth_of(values, tax):
     """What the official metric needs of one split's aggregated values."""
     _, _, x_present = targets(values, tax, "fine")
-    return dict(fine_truth=values[:, :len(tax["fine_names"])] == 1, x_truth=x_present,
-                coarse_truth=values[:, -len(tax["coarse_names"]):] == 1)
+    return dict(
+        fine_truth=values[:, : len(tax["fine_names"])] == 1,
+        x_truth=x_present,
+        coarse_truth=values[:, -len(tax["coarse_names"]) :] == 1,
+    )
 
 
 def load_sonyc(root, level, write_atomic=None):
@@ -188,20 +201,27 @@ def load_sonyc(root, level, write_atomic=None):
         if not files:
             fail(f"{csv_path}: no usable '{split}' clips (train needs crowd rows, validate/test a verified row)")
         Y, observed, _ = targets(values, tax, level)
-        out[name] = dict(X=emb[start:start + len(files)], Y=Y, observed=observed, keys=files,
-                         extra=truth_of(values, tax))
+        out[name] = dict(
+            X=emb[start : start + len(files)], Y=Y, observed=observed, keys=files, extra=truth_of(values, tax)
+        )
         start += len(files)
     total, squares, count = 0.0, 0.0, 0
-    for i in range(0, len(out["train"]["X"]), 1024):          # float64 sums, 1,024 clips at a time
-        x = out["train"]["X"][i:i + 1024].reshape(-1, emb.shape[-1]).astype(np.float64)
+    for i in range(0, len(out["train"]["X"]), 1024):  # float64 sums, 1,024 clips at a time
+        x = out["train"]["X"][i : i + 1024].reshape(-1, emb.shape[-1]).astype(np.float64)
         total, squares, count = total + x.sum(0), squares + (x * x).sum(0), count + len(x)
     mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0)) + 1e-8
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0)) + 1e-8
     names = tax["coarse_names"] if level == "coarse" else tax["fine_names"]
-    return out, names, dict(
-        input_offset=mean.astype(np.float32), input_scale=(1 / std).astype(np.float32),
-        metrics=lambda scores, truth: dcase_metrics(scores, truth, tax, level),             # common.evaluate
-        write_predictions=lambda path, scores, files: write_submission(path, scores, files, tax, level))  # save_run
+    return (
+        out,
+        names,
+        dict(
+            input_offset=mean.astype(np.float32),
+            input_scale=(1 / std).astype(np.float32),
+            metrics=lambda scores, truth: dcase_metrics(scores, truth, tax, level),  # common.evaluate
+            write_predictions=lambda path, scores, files: write_submission(path, scores, files, tax, level),
+        ),
+    )  # save_run
 
 
 def load(data_dir, level="fine", write_atomic=None):
@@ -246,7 +266,7 @@ def read_embedding(path, shape):
             e = read_npy(zf, "embedding.npy", shape, "fiu")
     except ValueError as e:
         return None, str(e)
-    except Exception as e:   # not a zip, no embedding member, a damaged header, zip or CRC
+    except Exception as e:  # not a zip, no embedding member, a damaged header, zip or CRC
         return None, f"unreadable ({type(e).__name__})"
     return (e, None) if np.isfinite(e).all() else (None, "NaN or inf")
 
@@ -277,8 +297,10 @@ def load_embeddings(root, clips, csv_hash, shape=(11, 512), write_atomic=None):
             continue
         X[i] = e
     if absent:
-        fail(f"{root / 'embeddings'}: {len(absent)} embedding file(s) absent, first {show(absent[:3], 100)}\n"
-             + LAYOUT.format(root=root))
+        fail(
+            f"{root / 'embeddings'}: {len(absent)} embedding file(s) absent, first {show(absent[:3], 100)}\n"
+            + LAYOUT.format(root=root)
+        )
     if bad:
         fail(f"{root / 'embeddings'}: {len(bad)} embedding(s) not {shape} finite numbers, first {show(bad[:2], 150)}")
     if write_atomic is not None:
@@ -294,6 +316,7 @@ def load_embeddings(root, clips, csv_hash, shape=(11, 512), write_atomic=None):
 #  Written from a reading of src/metrics.py in sonyc-project/dcase2020task5-uststc-baseline:
 #  the same thresholds, counts, precision/recall floors and curve end points.
 #####################################################################################
+
 
 def _pr(tp, fp, fn):
     return tp / np.maximum(tp + fp, 0.5), tp / np.maximum(tp + fn, 0.5)
@@ -316,7 +339,7 @@ def _group_counts(scores, truth, x_truth, fine):
     x_truth: (N,) its X tag in the ground truth. X tags are never predicted here (their score
     is 0), and every threshold is >= 0.01, so the predicted X tag is always absent."""
     thr = np.sort(scores.ravel())
-    thr = np.unique(np.append(thr[np.searchsorted(thr, 0.01):], 1.0))[::-1]
+    thr = np.unique(np.append(thr[np.searchsorted(thr, 0.01) :], 1.0))[::-1]
     counts = []
     for t in thr:
         pred = scores >= t
@@ -324,11 +347,11 @@ def _group_counts(scores, truth, x_truth, fine):
             y, p = truth[:, 0], pred[:, 0]
             counts.append((np.sum(y & p), np.sum(~y & p), np.sum(y & ~p)))
             continue
-        tp_c = truth & pred                                   # complete truth, complete prediction
-        fp_c = ~truth & pred & ~x_truth[:, None]              # FPs only where the truth has no X tag
+        tp_c = truth & pred  # complete truth, complete prediction
+        fp_c = ~truth & pred & ~x_truth[:, None]  # FPs only where the truth has no X tag
         fn_c = truth & ~pred
         any_pred = pred.any(1)
-        tp_x = x_truth & any_pred & ~tp_c.any(1)              # X in truth: judged coarsely
+        tp_x = x_truth & any_pred & ~tp_c.any(1)  # X in truth: judged coarsely
         fn_x = x_truth & ~truth.any(1) & ~any_pred
         counts.append((tp_c.sum() + tp_x.sum(), fp_c.sum(), fn_c.sum() + fn_x.sum()))
     return thr, np.array(counts, dtype=np.int64).reshape(-1, 3)
@@ -336,10 +359,9 @@ def _group_counts(scores, truth, x_truth, fine):
 
 def dcase_level(scores_by_group, truth_by_group, x_truth, fine):
     """Macro- and micro-AUPRC and micro-F1 at 0.5 over the coarse groups, as the official code."""
-    curves = [_group_counts(s, t, x_truth[:, g], fine)
-              for g, (s, t) in enumerate(zip(scores_by_group, truth_by_group))]
+    curves = [_group_counts(s, t, x_truth[:, g], fine) for g, (s, t) in enumerate(zip(scores_by_group, truth_by_group))]
     macro = float(np.mean([_auprc(*_pr(*c.T)) for _, c in curves]))
-    union = np.unique(np.concatenate([thr for thr, _ in curves]))    # ascending
+    union = np.unique(np.concatenate([thr for thr, _ in curves]))  # ascending
     total = np.zeros((len(union), 3), np.int64)
     for thr, c in curves:
         # the row of the smallest group threshold >= t (thr is descending, ends at 1.0)
@@ -363,8 +385,9 @@ def dcase_metrics(scores, extra, tax, level, coarse_scores=None):
         g = tax["fine_group"]
         fs = [scores[:, g == k] for k in range(n_groups)]
         ft = [extra["fine_truth"][:, g == k] for k in range(n_groups)]
-        out["dcase_fine_macro_auprc"], out["dcase_fine_micro_auprc"], out["dcase_micro_f1"] = \
-            dcase_level(fs, ft, x_truth, fine=True)
+        out["dcase_fine_macro_auprc"], out["dcase_fine_micro_auprc"], out["dcase_micro_f1"] = dcase_level(
+            fs, ft, x_truth, fine=True
+        )
         if coarse_scores is None:
             coarse_scores = np.stack([s.max(1) for s in fs], 1)
     else:
@@ -382,6 +405,7 @@ def dcase_metrics(scores, extra, tax, level, coarse_scores=None):
 #  The submission CSV: written by every run on SONYC-UST, read back by the scorer below
 #####################################################################################
 
+
 def write_submission(path, scores, files, tax, level):
     """Predictions in the DCASE 2020 Task 5 submission layout: audio_filename, every fine tag
     (X tags as 0), every coarse tag (the max over its fine tags at the fine level). Scores are
@@ -396,8 +420,11 @@ def write_submission(path, scores, files, tax, level):
         w = csv.writer(fh)
         w.writerow(["audio_filename"] + tax["all_fine_names"] + tax["coarse_names"])
         for i, name in enumerate(files):
-            w.writerow([name] + [f"{fine[f][i]:.9g}" if f in fine else 0 for f in tax["all_fine_names"]]
-                       + [f"{v:.9g}" for v in coarse[i]])
+            w.writerow(
+                [name]
+                + [f"{fine[f][i]:.9g}" if f in fine else 0 for f in tax["all_fine_names"]]
+                + [f"{v:.9g}" for v in coarse[i]]
+            )
 
 
 def score_submission(pred_path, annotations_path, split="validate"):
@@ -437,8 +464,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Score a DCASE 2020 Task 5 submission CSV with the official metrics.")
     p.add_argument("predictions", type=Path, help="submission CSV (audio_filename, fine tags, coarse tags)")
     p.add_argument("annotations", type=Path, help="SONYC-UST v2 annotations.csv")
-    p.add_argument("--split", choices=("validate", "test"), default="validate",
-                   help="split whose verified rows are the truth (default: validate)")
+    p.add_argument(
+        "--split",
+        choices=("validate", "test"),
+        default="validate",
+        help="split whose verified rows are the truth (default: validate)",
+    )
     args = p.parse_args(argv)
     try:
         print(json.dumps(score_submission(args.predictions, args.annotations, args.split), indent=1))

@@ -7,6 +7,7 @@ Each method script trains 2 epochs in its own process and must leave a complete 
 arguments, history, test metrics and versions; model.pt that loads with weights_only=True; the test
 predictions. Then the sweep and predict.py run on those scripts.
 """
+
 import csv
 import json
 
@@ -59,8 +60,17 @@ def test_metrics_json_records_the_run(method, runs):
 @pytest.mark.parametrize("method", METHODS)
 def test_test_metrics_are_in_range(method, runs):
     test = json.loads((runs[method][1] / "metrics.json").read_text())["test"]
-    for key in ("f1_macro", "f1_pos_macro", "auprc_macro_masked", "ap_macro_masked", "f1_macro_full_truth",
-                "ap_macro_full_truth", "scored_present_share", "present_share_masked", "present_share_full_truth"):
+    for key in (
+        "f1_macro",
+        "f1_pos_macro",
+        "auprc_macro_masked",
+        "ap_macro_masked",
+        "f1_macro_full_truth",
+        "ap_macro_full_truth",
+        "scored_present_share",
+        "present_share_masked",
+        "present_share_full_truth",
+    ):
         assert 0 <= test[key] <= 1, key
 
 
@@ -112,11 +122,14 @@ def test_predict_tags_new_clips_with_a_finished_run(runs, tmp_path):
 
 
 def test_sweep_runs_the_scripts_and_summarizes(tmp_path):
-    p = ok(run("simulate_missing.py", "--methods", "b1", "--rates", 0, 0.5, "--seeds", 0, "--epochs", 1,
-               "--out", tmp_path))
+    p = ok(
+        run("simulate_missing.py", "--methods", "b1", "--rates", 0, 0.5, "--seeds", 0, "--epochs", 1, "--out", tmp_path)
+    )
     assert "2 runs, 0 already finished, 2 to do" in p.stdout
     assert "| f1_macro | drop 0 | drop 0.5 |" in p.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["rate"] for r in summary["rows"]] == [0, 0.5]
-    assert metrics_of(tmp_path, "synthetic__b1__seed0__drop0.5__epochs1")["test"]["f1_macro"] == \
-        summary["rows"][1]["f1_macro"]
+    assert (
+        metrics_of(tmp_path, "synthetic__b1__seed0__drop0.5__epochs1")["test"]["f1_macro"]
+        == summary["rows"][1]["f1_macro"]
+    )

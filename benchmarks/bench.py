@@ -14,6 +14,7 @@ default synthetic run of each method end to end (python METHOD.py, 100 epochs).
 It prints a table and the estimated wall time of the paper's whole sweep; it exits 1 when a run failed.
 No test asserts on its timings.
 """
+
 import argparse
 import json
 import subprocess
@@ -51,9 +52,23 @@ def write_h5(path, shape, seed=0):
 
 
 def time_script(method, data, extra, epochs, device, fast, out):
-    out = Path(tempfile.mkdtemp(dir=out))   # one run per folder, whatever its name
-    cmd = [sys.executable, str(ROOT / f"{method}.py"), "--dataset", str(data), "--epochs", str(epochs),
-           "--out", str(out), "--device", device] + extra + (["--fast"] if fast else [])
+    out = Path(tempfile.mkdtemp(dir=out))  # one run per folder, whatever its name
+    cmd = (
+        [
+            sys.executable,
+            str(ROOT / f"{method}.py"),
+            "--dataset",
+            str(data),
+            "--epochs",
+            str(epochs),
+            "--out",
+            str(out),
+            "--device",
+            device,
+        ]
+        + extra
+        + (["--fast"] if fast else [])
+    )
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -61,15 +76,16 @@ def time_script(method, data, extra, epochs, device, fast, out):
         return None, wall, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
     m = json.loads(next(out.glob("*/metrics.json")).read_text())
     seconds = [e["seconds"] for e in m["history"][1:]] or [m["history"][0]["seconds"]]
-    for key in ("teacher", "stage1"):   # two-stage methods: both stages' epochs
+    for key in ("teacher", "stage1"):  # two-stage methods: both stages' epochs
         if key in m:
             seconds += [e["seconds"] for e in m[key]["history"][1:]]
     return float(np.median(seconds)), wall, m["device"]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--methods", nargs="+", default=list(STAGES), choices=list(STAGES), help="scripts to time")
     p.add_argument("--shape", nargs="+", default=["openmic"], choices=list(SHAPES), help="dataset sizes")
     p.add_argument("--epochs", type=int, default=4, help="epochs per timing run (the first is left out)")
@@ -86,7 +102,7 @@ def main():
             data = Path(tmp) / f"bench_{shape}.h5"
             write_h5(data, shape)
             for method in args.methods:
-                for fast in ([False, True] if args.fast else [False]):
+                for fast in [False, True] if args.fast else [False]:
                     s, wall, note = time_script(method, data, SHAPES[shape][5], args.epochs, args.device, fast, tmp)
                     mode = "fast" if fast else "eager"
                     if s is None:
@@ -101,8 +117,18 @@ def main():
             print("\n| default synthetic run (100 epochs) | wall s |\n|---|---|")
             for method in args.methods:
                 t0 = time.time()
-                r = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), "--out", tempfile.mkdtemp(dir=tmp),
-                                    "--device", args.device], capture_output=True, text=True)
+                r = subprocess.run(
+                    [
+                        sys.executable,
+                        str(ROOT / f"{method}.py"),
+                        "--out",
+                        tempfile.mkdtemp(dir=tmp),
+                        "--device",
+                        args.device,
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 failures += r.returncode != 0
                 print(f"| {method} | {time.time() - t0:.1f}{'' if r.returncode == 0 else ' (failed)'} |", flush=True)
     # the paper's sweep: every method, 5 seeds x 5 drop rates, 100 epochs, each size timed here
@@ -110,9 +136,11 @@ def main():
         total = [per_epoch.get((shape, m, mode)) for shape in args.shape for m in args.methods]
         if all(t is not None for t in total) and total:
             est = sum(per_epoch[(shape, m, mode)] * 100 * STAGES[m] * 25 for shape in args.shape for m in args.methods)
-            print(f"\nestimated sweep ({mode}, {', '.join(args.shape)}, {len(args.methods)} methods, "
-                  f"5 seeds x 5 rates, "
-                  f"100 epochs, one run at a time): {est / 60:.0f} min; divide by the runs that fit at once (--jobs)")
+            print(
+                f"\nestimated sweep ({mode}, {', '.join(args.shape)}, {len(args.methods)} methods, "
+                f"5 seeds x 5 rates, "
+                f"100 epochs, one run at a time): {est / 60:.0f} min; divide by the runs that fit at once (--jobs)"
+            )
     if failures:
         print(f"\n{failures} timing run(s) FAILED (see the table)", file=sys.stderr)
         sys.exit(1)

@@ -8,12 +8,13 @@ so the history holds float32 values: float32(1e-3) reads back as 0.0010000000475
 tolerance is 1e-6 relative: float32 rounding passes, a rate one halving off (50%) does not.
 Exit 0 when the schedule holds, 1 with the first mismatches when it does not, 2 on an unreadable run.
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
 
-RTOL = 1e-6   # float32 holds 24 bits: its rounding is at most 6e-8 relative
+RTOL = 1e-6  # float32 holds 24 bits: its rounding is at most 6e-8 relative
 
 
 def check(history, lr, step=30, factor=0.5, rtol=RTOL):
@@ -41,8 +42,10 @@ def main():
     if bad:
         print(f"learning rate NOT as scheduled in {args.run_dir}: first (epoch, expected, recorded) {bad[:3]}")
         sys.exit(1)
-    print(f"learning rate as scheduled over {len(history)} epochs ({m['device']}): halved at epochs "
-          f"{', '.join(map(str, halvings)) or 'none'}")
+    print(
+        f"learning rate as scheduled over {len(history)} epochs ({m['device']}): halved at epochs "
+        f"{', '.join(map(str, halvings)) or 'none'}"
+    )
 
 
 if __name__ == "__main__":

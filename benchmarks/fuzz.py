@@ -13,6 +13,7 @@ A case passes when the run loads valid data and gets the same arrays as the inde
 with the project's one-line error (under 300 characters) on invalid data. It fails on a traceback, a hang
 (30 s), invalid data loaded, wrong data loaded, or valid data refused. Prints a table; exit 1 on a failure.
 """
+
 import argparse
 import contextlib
 import csv
@@ -55,6 +56,7 @@ def need(condition, why="invalid"):
 
 #####  Independent readers: what a valid dataset is, written apart from the project's code  ##################
 
+
 def ref_strings(values, n=None, unique=False):
     need(isinstance(values, np.ndarray) and values.ndim == 1, "not a 1-D array")
     out = []
@@ -85,7 +87,7 @@ def ref_zero_one(a, shape):
 
 
 def ref_h5(folder):
-    with h5py.File(folder / "mine.h5", "r") as f:      # any exception here: not valid data (run_case)
+    with h5py.File(folder / "mine.h5", "r") as f:  # any exception here: not valid data (run_case)
         parts = {}
         for k in ("X", "Y", "observed", "split", "keys", "Y_full"):
             if k in f:
@@ -96,8 +98,13 @@ def ref_h5(folder):
     split = ref_strings(parts["split"])
     n = len(split)
     names = ref_strings(np.asarray(names) if np.ndim(names) == 1 else None, unique=True)
-    need(len(names) >= 1 and n >= 1 and set(split) <= {"train", "val", "test"} and
-         {"train", "val", "test"} <= set(split), "splits")
+    need(
+        len(names) >= 1
+        and n >= 1
+        and set(split) <= {"train", "val", "test"}
+        and {"train", "val", "test"} <= set(split),
+        "splits",
+    )
     obs = ref_zero_one(parts["observed"], (n, len(names)))
     Y = parts["Y"]
     need(isinstance(Y, np.ndarray) and Y.shape == (n, len(names)) and Y.dtype.kind in "biuf", "Y")
@@ -108,8 +115,10 @@ def ref_h5(folder):
     X = ref_x(parts["X"])
     need(len(X) == n, "X rows")
     rows = {s: [i for i, v in enumerate(split) if v == s] for s in ("train", "val", "test")}
-    return {s: dict(X=X[r], Y=(Y[r] == 1) & obs[r], observed=obs[r], keys=None if keys is None else
-                    [keys[i] for i in r]) for s, r in rows.items()}, names
+    return {
+        s: dict(X=X[r], Y=(Y[r] == 1) & obs[r], observed=obs[r], keys=None if keys is None else [keys[i] for i in r])
+        for s, r in rows.items()
+    }, names
 
 
 class RefUnpickler(pickle.Unpickler):
@@ -137,11 +146,12 @@ def ref_npz_member(zf, name):
 
 
 def ref_openmic(folder):
-    root = folder / "openmic-2018"        # any exception here: not valid data (run_case)
+    root = folder / "openmic-2018"  # any exception here: not valid data (run_case)
     with zipfile.ZipFile(root / "openmic-2018.npz") as zf:
         X, Y_true, Y_mask, keys = (ref_npz_member(zf, f"{k}.npy") for k in ("X", "Y_true", "Y_mask", "sample_key"))
-    class_map = json.loads((root / "class-map.json").read_bytes().decode("utf-8-sig"),
-                           object_pairs_hook=lambda pairs: pairs)
+    class_map = json.loads(
+        (root / "class-map.json").read_bytes().decode("utf-8-sig"), object_pairs_hook=lambda pairs: pairs
+    )
     parts = {}
     for kind in ("train", "test"):
         files = [root / "partitions" / f"split01_{kind}.csv", root / "partitions" / f"{kind}01.txt"]
@@ -167,17 +177,20 @@ def ref_openmic(folder):
     train = np.array([row[k] for k in parts["train"]])
     perm = np.random.default_rng(0).permutation(len(train))
     n_val = min(max(1, int(round(0.15 * len(train)))), len(train) - 1)
-    rows = dict(train=train[np.sort(perm[n_val:])], val=train[perm[:n_val]],
-                test=np.array([row[k] for k in parts["test"]]))
-    return {s: dict(X=X[r], Y=(Y_true[r] >= 0.5) & obs[r], observed=obs[r], keys=[keys[i] for i in r])
-            for s, r in rows.items()}, names
+    rows = dict(
+        train=train[np.sort(perm[n_val:])], val=train[perm[:n_val]], test=np.array([row[k] for k in parts["test"]])
+    )
+    return {
+        s: dict(X=X[r], Y=(Y_true[r] >= 0.5) & obs[r], observed=obs[r], keys=[keys[i] for i in r])
+        for s, r in rows.items()
+    }, names
 
 
 PRESENCE = re.compile(r"^(\d+)(?:-(\d+|X))?_.+_presence$")
 
 
 def ref_sonyc(folder):
-    root = folder / "sonyc-ust"           # any exception here: not valid data (run_case)
+    root = folder / "sonyc-ust"  # any exception here: not valid data (run_case)
     with open(root / "annotations.csv", newline="", encoding="utf-8-sig") as fh:
         table = list(csv.reader(fh))
     need(len(table) >= 1, "empty")
@@ -212,8 +225,13 @@ def ref_sonyc(folder):
             raise Invalid("annotator")
         need(math.isfinite(who) and who == int(who), "annotator")
         need(split in ("train", "validate", "test"), "split")
-        need(bool(fname) and fname not in (".", "..") and not any(c in fname for c in "/\\\0")
-             and len(fname.encode()) <= 250, "file name")
+        need(
+            bool(fname)
+            and fname not in (".", "..")
+            and not any(c in fname for c in "/\\\0")
+            and len(fname.encode()) <= 250,
+            "file name",
+        )
         need(split_of.setdefault(fname, split) == split, "two splits")
         need(stem_of.setdefault(Path(fname).stem, fname) == fname, "one embedding for two clips")
         if (who > 0) if split == "train" else (who == 0):
@@ -225,8 +243,7 @@ def ref_sonyc(folder):
         Y, obs, X = [], [], []
         for f in files:
             rows = clips[(split, f)]
-            agg = {h: 1 if any(v[h] == 1 for v in rows) else 0 if any(v[h] == 0 for v in rows) else -1
-                   for h in rows[0]}
+            agg = {h: 1 if any(v[h] == 1 for v in rows) else 0 if any(v[h] == 0 for v in rows) else -1 for h in rows[0]}
             y, o = [], []
             for c, fi, h in [(c, f2, h) for c, f2, h in fine if f2 != "X"]:
                 x_present = c in x_tags and agg[x_tags[c]] == 1
@@ -238,15 +255,17 @@ def ref_sonyc(folder):
                 e = ref_npz_member(zf, "embedding.npy")
             need(e.shape == (11, 512) and e.dtype.kind in "fiu" and bool(np.all(np.isfinite(e))), "embedding")
             X.append(e.astype(np.float32))
-        out[name] = dict(X=ref_x(np.array(X)), Y=np.array(Y, bool) & np.array(obs, bool), observed=np.array(obs, bool),
-                         keys=files)
-    return out, [h[:-len("_presence")] for h in complete]
+        out[name] = dict(
+            X=ref_x(np.array(X)), Y=np.array(Y, bool) & np.array(obs, bool), observed=np.array(obs, bool), keys=files
+        )
+    return out, [h[: -len("_presence")] for h in complete]
 
 
 REFERENCE = dict(openmic=ref_openmic, sonyc=ref_sonyc, h5=ref_h5)
 
 
 #####  Valid datasets and their corruptions  ###############################################################
+
 
 def make_valid(reader, folder):
     if reader == "openmic":
@@ -265,13 +284,13 @@ def byte_mutation(rng, path):
     data = bytearray(path.read_bytes())
     how = rng.choice(["truncate", "flip", "zero", "junk", "random", "empty", "delete"])
     if how == "truncate" and data:
-        del data[rng.randrange(len(data)):]
+        del data[rng.randrange(len(data)) :]
     elif how == "flip" and data:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     elif how == "zero" and data:
         a, n = rng.randrange(len(data)), rng.randint(1, 4096)
-        data[a:a + n] = bytes(len(data[a:a + n]))
+        data[a : a + n] = bytes(len(data[a : a + n]))
     elif how == "junk":
         data += rng.randbytes(rng.randint(1, 500))
     elif how == "random":
@@ -289,9 +308,23 @@ def odd_value(rng):
     return rng.choice([np.nan, np.inf, -np.inf, 2.0, -1.0, 0.5, 1e30, 3e38, 255, -0.0, 1.0, 0.0])
 
 
-def odd_string(rng):   # as bytes: b"\xff\xfe" is not UTF-8
-    return rng.choice([b"", b"x" * 300, b"\xff\xfe", "é".encode(), b"dev", b"Train", b"train ", b"a/b", b"nul\0",
-                       b"clip0", b"val", b"test"])
+def odd_string(rng):  # as bytes: b"\xff\xfe" is not UTF-8
+    return rng.choice(
+        [
+            b"",
+            b"x" * 300,
+            b"\xff\xfe",
+            "é".encode(),
+            b"dev",
+            b"Train",
+            b"train ",
+            b"a/b",
+            b"nul\0",
+            b"clip0",
+            b"val",
+            b"test",
+        ]
+    )
 
 
 def mutate_h5(rng, folder):
@@ -301,15 +334,25 @@ def mutate_h5(rng, folder):
         how = rng.choice(["delete", "group", "dtype", "shape", "value", "strings", "link", "empty"])
         desc = f"{key} {how}"
         if key == "class_names":
-            f.attrs["class_names"] = rng.choice([
-                ["a", "a", "b", "c", "d"], ["", "b", "c", "d", "e"], "tag", 5, [b"\xff\xfe", b"b", b"c", b"d", b"e"],
-                ["t"] * 4, ["x" * 500, "b", "c", "d", "e"], [1, 2, 3, 4, 5], ["a", "b", "c", "d", "e", "f"]])
+            f.attrs["class_names"] = rng.choice(
+                [
+                    ["a", "a", "b", "c", "d"],
+                    ["", "b", "c", "d", "e"],
+                    "tag",
+                    5,
+                    [b"\xff\xfe", b"b", b"c", b"d", b"e"],
+                    ["t"] * 4,
+                    ["x" * 500, "b", "c", "d", "e"],
+                    [1, 2, 3, 4, 5],
+                    ["a", "b", "c", "d", "e", "f"],
+                ]
+            )
             return desc + " attribute"
         if key == "extra":
             f["notes"] = np.arange(3)
             return "extra dataset (valid)"
         if key == "Y_full" and "Y_full" not in f:
-            f["Y_full"] = f["Y"][()] if rng.random() < 0.5 else (np.random.default_rng(0).random(f["Y"].shape) < .5)
+            f["Y_full"] = f["Y"][()] if rng.random() < 0.5 else (np.random.default_rng(0).random(f["Y"].shape) < 0.5)
             return "Y_full added"
         if key not in f:
             return desc + " (absent)"
@@ -335,8 +378,13 @@ def mutate_h5(rng, folder):
                 f[key] = old.astype(kind) if old.dtype.kind in "biuf" else np.zeros(old.shape, kind)
         elif how == "shape":
             variant = rng.choice(["short", "long", "axis", "scalar", "transpose"])
-            f[key] = dict(short=old[:-1], long=np.concatenate([old, old[:1]]), axis=old[..., None],
-                          scalar=old.reshape(-1)[:1].reshape(()), transpose=old.T)[variant]
+            f[key] = dict(
+                short=old[:-1],
+                long=np.concatenate([old, old[:1]]),
+                axis=old[..., None],
+                scalar=old.reshape(-1)[:1].reshape(()),
+                transpose=old.T,
+            )[variant]
             desc += f" {variant}"
         elif how == "value":
             a = old.copy()
@@ -395,7 +443,7 @@ def mutate_openmic(rng, folder):
         elif how == "extra":
             arrays["notes"] = np.arange(3)
         np.savez(root / "openmic-2018.npz", **arrays)
-        if how == "rename" and rng.random() < 0.5:   # a member without the .npy suffix
+        if how == "rename" and rng.random() < 0.5:  # a member without the .npy suffix
             with zipfile.ZipFile(root / "openmic-2018.npz") as zf:
                 members = {n: zf.read(n) for n in zf.namelist()}
             with zipfile.ZipFile(root / "openmic-2018.npz", "w") as zf:
@@ -405,12 +453,23 @@ def mutate_openmic(rng, folder):
     if what == "class-map":
         path = root / "class-map.json"
         names = json.loads(path.read_text())
-        text = rng.choice([
-            "null", "5", "[]", '"x"', "[" * 100000, json.dumps({k: None for k in names}),
-            json.dumps({k: {"i": v} for k, v in names.items()}), json.dumps({k: 0 for k in names}),
-            json.dumps({**{k: v for k, v in list(names.items())[:-1]}, "": 19}),
-            json.dumps(names)[:-1] + ', "accordion": 3}', "\ufeff" + json.dumps(names),
-            json.dumps({k: float(v) for k, v in names.items()}), json.dumps({k: v + 1 for k, v in names.items()})])
+        text = rng.choice(
+            [
+                "null",
+                "5",
+                "[]",
+                '"x"',
+                "[" * 100000,
+                json.dumps({k: None for k in names}),
+                json.dumps({k: {"i": v} for k, v in names.items()}),
+                json.dumps({k: 0 for k in names}),
+                json.dumps({**{k: v for k, v in list(names.items())[:-1]}, "": 19}),
+                json.dumps(names)[:-1] + ', "accordion": 3}',
+                "\ufeff" + json.dumps(names),
+                json.dumps({k: float(v) for k, v in names.items()}),
+                json.dumps({k: v + 1 for k, v in names.items()}),
+            ]
+        )
         path.write_text(text, encoding="utf-8")
         return "class-map " + text[:30]
     if what == "partitions":
@@ -418,19 +477,34 @@ def mutate_openmic(rng, folder):
         path = root / "partitions" / f"split01_{kind}.csv"
         keys = path.read_text().split()
         other = (root / "partitions" / f"split01_{'test' if kind == 'train' else 'train'}.csv").read_text().split()
-        how = rng.choice(["bom", "crlf", "utf16", "badbyte", "duplicate", "overlap", "unknown", "empty", "one",
-                          "rename", "blank lines"])
-        data = {"bom": lambda: b"\xef\xbb\xbf" + "\n".join(keys).encode(),
-                "crlf": lambda: "\r\n".join(keys).encode(),
-                "utf16": lambda: "\n".join(keys).encode("utf-16"),
-                "badbyte": lambda: ("\n".join(keys) + "\n").encode() + b"\xff\n",
-                "duplicate": lambda: "\n".join(keys + keys[:1]).encode(),
-                "overlap": lambda: "\n".join(keys + other[:1]).encode(),
-                "unknown": lambda: "\n".join(keys + ["999999_1"]).encode(),
-                "empty": lambda: b"",
-                "one": lambda: keys[0].encode(),
-                "rename": lambda: None,
-                "blank lines": lambda: "\n\n".join(keys).encode()}[how]()
+        how = rng.choice(
+            [
+                "bom",
+                "crlf",
+                "utf16",
+                "badbyte",
+                "duplicate",
+                "overlap",
+                "unknown",
+                "empty",
+                "one",
+                "rename",
+                "blank lines",
+            ]
+        )
+        data = {
+            "bom": lambda: b"\xef\xbb\xbf" + "\n".join(keys).encode(),
+            "crlf": lambda: "\r\n".join(keys).encode(),
+            "utf16": lambda: "\n".join(keys).encode("utf-16"),
+            "badbyte": lambda: ("\n".join(keys) + "\n").encode() + b"\xff\n",
+            "duplicate": lambda: "\n".join(keys + keys[:1]).encode(),
+            "overlap": lambda: "\n".join(keys + other[:1]).encode(),
+            "unknown": lambda: "\n".join(keys + ["999999_1"]).encode(),
+            "empty": lambda: b"",
+            "one": lambda: keys[0].encode(),
+            "rename": lambda: None,
+            "blank lines": lambda: "\n\n".join(keys).encode(),
+        }[how]()
         if how == "rename":
             path.rename(root / "partitions" / f"{kind}01.txt")
         else:
@@ -447,11 +521,25 @@ def mutate_sonyc(rng, folder):
         with open(path, newline="") as fh:
             table = list(csv.reader(fh))
         header = table[0]
-        how = rng.choice(["drop column", "duplicate column", "bom", "shuffle", "value", "annotator", "split",
-                          "filename", "two splits", "one stem", "row length", "non-utf8"])
+        how = rng.choice(
+            [
+                "drop column",
+                "duplicate column",
+                "bom",
+                "shuffle",
+                "value",
+                "annotator",
+                "split",
+                "filename",
+                "two splits",
+                "one stem",
+                "row length",
+                "non-utf8",
+            ]
+        )
         if how == "drop column":
             j = rng.randrange(len(header))
-            table = [r[:j] + r[j + 1:] for r in table]
+            table = [r[:j] + r[j + 1 :] for r in table]
         elif how == "duplicate column":
             j = rng.choice([i for i, h in enumerate(header) if h.endswith("_presence")])
             table = [r + [r[j]] for r in table]
@@ -461,13 +549,18 @@ def mutate_sonyc(rng, folder):
             table = [[r[i] for i in order] for r in table]
         elif how in ("value", "annotator", "split", "filename"):
             i = rng.randrange(1, len(table))
-            j = {"value": rng.choice([k for k, h in enumerate(header) if h.endswith("_presence")]),
-                 "annotator": header.index("annotator_id"), "split": header.index("split"),
-                 "filename": header.index("audio_filename")}[how]
-            table[i][j] = {"value": rng.choice(["2", "0.5", "nan", "", "x", "1.0", "-1"]),
-                           "annotator": rng.choice(["0.5", "inf", "1e400", "x", "", "-3", "7.0"]),
-                           "split": rng.choice(["dev", "Train", "", "validate", "test"]),
-                           "filename": rng.choice(["", "a/b.wav", "nul\0.wav", "..", "x" * 300 + ".wav"])}[how]
+            j = {
+                "value": rng.choice([k for k, h in enumerate(header) if h.endswith("_presence")]),
+                "annotator": header.index("annotator_id"),
+                "split": header.index("split"),
+                "filename": header.index("audio_filename"),
+            }[how]
+            table[i][j] = {
+                "value": rng.choice(["2", "0.5", "nan", "", "x", "1.0", "-1"]),
+                "annotator": rng.choice(["0.5", "inf", "1e400", "x", "", "-3", "7.0"]),
+                "split": rng.choice(["dev", "Train", "", "validate", "test"]),
+                "filename": rng.choice(["", "a/b.wav", "nul\0.wav", "..", "x" * 300 + ".wav"]),
+            }[how]
         elif how == "two splits":
             a, b = rng.sample(range(1, len(table)), 2)
             table[a][header.index("audio_filename")] = table[b][header.index("audio_filename")]
@@ -501,14 +594,20 @@ def mutate_sonyc(rng, folder):
         elif how == "delete":
             path.unlink()
         else:
-            e = {"shape": lambda: e[:-1], "dtype": lambda: e.astype(str), "nan": lambda: np.where(e > 2, np.nan, e),
-                 "object": lambda: e.astype(object), "extra": lambda: e}[how]()
+            e = {
+                "shape": lambda: e[:-1],
+                "dtype": lambda: e.astype(str),
+                "nan": lambda: np.where(e > 2, np.nan, e),
+                "object": lambda: e.astype(object),
+                "extra": lambda: e,
+            }[how]()
             np.savez(path, embedding=e, **({"other": np.zeros(3)} if how == "extra" else {}))
         return f"embedding {path.name} {how}"
     if what == "cache":
         import sonyc
+
         with contextlib.redirect_stdout(io.StringIO()):
-            sonyc.load_sonyc(root, "fine", write_atomic=common.write_atomic)   # writes the cache, then damage it
+            sonyc.load_sonyc(root, "fine", write_atomic=common.write_atomic)  # writes the cache, then damage it
         return byte_mutation(rng, root / "embeddings_cache.npz") + " (valid: the cache is rebuilt)"
     return byte_mutation(rng, rng.choice(files_of("sonyc", folder)))
 
@@ -520,6 +619,7 @@ def mutate(reader, rng, folder):
 
 
 #####  One case  #############################################################################################
+
 
 class Hang(Exception):
     pass
@@ -541,8 +641,13 @@ def reference(reader, folder, timeout=30):
 
 
 def project_load(reader, folder):
-    args = Namespace(dataset=str(folder / "mine.h5") if reader == "h5" else reader, data_dir=str(folder),
-                     level="fine", drop_rate=0.0, drop_seed=common.DROP_SEED)
+    args = Namespace(
+        dataset=str(folder / "mine.h5") if reader == "h5" else reader,
+        data_dir=str(folder),
+        level="fine",
+        drop_rate=0.0,
+        drop_seed=common.DROP_SEED,
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return common.load_dataset(args, torch.device("cpu"))
 
@@ -555,8 +660,9 @@ def same(data, ref):
         got, want = getattr(data, s), splits[s]
         if got.X.shape != want["X"].shape or not np.array_equal(got.X.numpy(), want["X"]):
             return False
-        if not np.array_equal(got.observed.numpy(), want["observed"]) or \
-                not np.array_equal(got.Y.numpy().astype(bool), want["Y"]):
+        if not np.array_equal(got.observed.numpy(), want["observed"]) or not np.array_equal(
+            got.Y.numpy().astype(bool), want["Y"]
+        ):
             return False
         if want["keys"] is not None and list(got.keys) != list(want["keys"]):
             return False
@@ -568,13 +674,13 @@ def run_case(reader, rng, base, work):
     shutil.copytree(base, folder, dirs_exist_ok=True)
     try:
         what = mutate(reader, rng, folder)
-    except Exception as e:   # a corruption that numpy or h5py would not write: the case tests the data as it is
+    except Exception as e:  # a corruption that numpy or h5py would not write: the case tests the data as it is
         what = f"(no change: {type(e).__name__})"
     try:
         ref, valid = reference(reader, folder), True
     except Invalid:
         ref, valid = None, False
-    except Exception as e:   # the independent reader failed to read it (or hung, in HDF5): invalid, and said so
+    except Exception as e:  # the independent reader failed to read it (or hung, in HDF5): invalid, and said so
         ref, valid = None, False
         what += f" [reference: {type(e).__name__}]"
     signal.alarm(30)
@@ -608,7 +714,7 @@ def fuzz(reader, cases, seed, work, report=None):
     rng = random.Random(f"{reader}-{seed}")
     base = Path(tempfile.mkdtemp(dir=work))
     make_valid(reader, base)
-    ref = reference(reader, base)           # the valid dataset is valid, and loads the same
+    ref = reference(reader, base)  # the valid dataset is valid, and loads the same
     assert same(project_load(reader, base), ref), "the valid dataset does not load as the reference reads it"
     counts = {}
     for _ in range(cases):
@@ -634,12 +740,19 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for reader in args.readers:
             t0 = time.time()
-            counts = fuzz(reader, args.cases, args.seed, Path(work),
-                          report=lambda v, w, r=reader: print(f"FAIL {r}: {v} <- {w}", flush=True))
+            counts = fuzz(
+                reader,
+                args.cases,
+                args.seed,
+                Path(work),
+                report=lambda v, w, r=reader: print(f"FAIL {r}: {v} <- {w}", flush=True),
+            )
             bad = sum(n for v, n in counts.items() if v not in ("loaded", "clean error"))
             failed += bad
-            rows.append(f"| {reader} | {args.cases:,} | {counts.get('loaded', 0):,} | "
-                        f"{counts.get('clean error', 0):,} | {bad} | {time.time() - t0:.0f} |")
+            rows.append(
+                f"| {reader} | {args.cases:,} | {counts.get('loaded', 0):,} | "
+                f"{counts.get('clean error', 0):,} | {bad} | {time.time() - t0:.0f} |"
+            )
     print(f"\nseed {args.seed} | torch {torch.__version__} | numpy {np.__version__} | h5py {h5py.__version__}")
     print("| reader | cases | loaded valid data | clean one-line error | failures | seconds |")
     print("|---|---|---|---|---|---|")

@@ -12,6 +12,7 @@ negatives it makes to the observed labels, and keep k at every drop rate:
 gamma(r) = 100 k * observed(r) / missing(r). The figure draws each metric against gamma, one line per drop
 rate, and marks the rule's gamma. Needs matplotlib for --out.
 """
+
 import argparse
 import json
 from collections import defaultdict
@@ -19,8 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-KEYS = dict(auprc_macro_masked="AUPRC, observed labels (paper's)", f1_macro="F1, observed labels (paper's)",
-            ap_macro_full_truth="AP, complete truth", f1_macro_full_truth="F1, complete truth")
+KEYS = dict(
+    auprc_macro_masked="AUPRC, observed labels (paper's)",
+    f1_macro="F1, observed labels (paper's)",
+    ap_macro_full_truth="AP, complete truth",
+    f1_macro_full_truth="F1, complete truth",
+)
 
 
 def collect(folder):
@@ -29,15 +34,29 @@ def collect(folder):
     for path in sorted(Path(folder).rglob("metrics.json")):
         m = json.loads(path.read_text())
         a = m["args"]
-        if m.get("method") != "label_enhance" or a["teacher_selection"] != "b0" or a["epochs"] != 100 \
-                or a["lr"] != 1e-3 or a["dropout"] != 0.6 or a["drop_seed"] != 1234 or a["dataset"] != "synthetic":
+        if (
+            m.get("method") != "label_enhance"
+            or a["teacher_selection"] != "b0"
+            or a["epochs"] != 100
+            or a["lr"] != 1e-3
+            or a["dropout"] != 0.6
+            or a["drop_seed"] != 1234
+            or a["dataset"] != "synthetic"
+        ):
             continue
         e = m["enhancement"]
         observed = 1280 * 20 - e["missing"]
-        runs[(a["drop_rate"], a["gamma"])].append(dict(
-            **{k: m["test"][k] for k in KEYS}, masked_precision=e["masked_precision"],
-            masked_recall=e["masked_recall"], negatives_per_observed=(e["missing"] - e["masked"]) / observed,
-            observed=observed, missing=e["missing"], seed=a["seed"]))
+        runs[(a["drop_rate"], a["gamma"])].append(
+            dict(
+                **{k: m["test"][k] for k in KEYS},
+                masked_precision=e["masked_precision"],
+                masked_recall=e["masked_recall"],
+                negatives_per_observed=(e["missing"] - e["masked"]) / observed,
+                observed=observed,
+                missing=e["missing"],
+                seed=a["seed"],
+            )
+        )
     return runs
 
 
@@ -61,35 +80,55 @@ def main():
     runs = collect(args.folder)
     rates = sorted({r for r, _ in runs})
     best, k, gammas = rule(runs, rates)
-    print(f"drop 0: best gamma by the paper's AUPRC {best:g}, {k:.3f} new negatives per observed label; the rule "
-          f"gamma(r) = 100 k observed(r) / missing(r): " + ", ".join(f"drop {r:g}: {g:.2f}" for r, g in gammas.items()))
+    print(
+        f"drop 0: best gamma by the paper's AUPRC {best:g}, {k:.3f} new negatives per observed label; the rule "
+        f"gamma(r) = 100 k observed(r) / missing(r): " + ", ".join(f"drop {r:g}: {g:.2f}" for r, g in gammas.items())
+    )
     cols = list(KEYS) + ["masked_precision", "masked_recall", "negatives_per_observed"]
     print("\n| drop | gamma | seeds | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 3))
-    for (r, g) in sorted(runs):
+    for r, g in sorted(runs):
         ms = runs[(r, g)]
-        print(f"| {r:g} | {g:g} | {len(ms)} | " + " | ".join(
-            f"{np.mean([m[c] for m in ms]):.3f} ± {np.std([m[c] for m in ms]):.3f}" for c in cols) + " |")
-    for key in KEYS:   # which gamma is best at each rate, by each metric
-        best_at = {r: max((g for rr, g in runs if rr == r), key=lambda g: np.mean([m[key] for m in runs[(r, g)]]))
-                   for r in rates}
+        print(
+            f"| {r:g} | {g:g} | {len(ms)} | "
+            + " | ".join(f"{np.mean([m[c] for m in ms]):.3f} ± {np.std([m[c] for m in ms]):.3f}" for c in cols)
+            + " |"
+        )
+    for key in KEYS:  # which gamma is best at each rate, by each metric
+        best_at = {
+            r: max((g for rr, g in runs if rr == r), key=lambda g: np.mean([m[key] for m in runs[(r, g)]]))
+            for r in rates
+        }
         print(f"\nbest gamma by {key}: " + ", ".join(f"drop {r:g}: {g:g}" for r, g in best_at.items()))
     if args.out:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-        shown = [r for r in rates if len({g for rr, g in runs if rr == r}) > 1]     # rates with a gamma curve
+        shown = [r for r in rates if len({g for rr, g in runs if rr == r}) > 1]  # rates with a gamma curve
         color = dict(zip(shown, plt.get_cmap("viridis")(np.linspace(0, 0.9, len(shown)))))
-        panels = list(KEYS.items()) + [("masked_precision", "masked set: precision (solid), recall (dashed)"),
-                                       ("negatives_per_observed", "new negatives per observed training label")]
+        panels = list(KEYS.items()) + [
+            ("masked_precision", "masked set: precision (solid), recall (dashed)"),
+            ("negatives_per_observed", "new negatives per observed training label"),
+        ]
         for ax, (key, title) in zip(axes.flat, panels):
             for r in shown:
                 gs = sorted(g for rr, g in runs if rr == r)
                 for k2, style in ((key, "-"), ("masked_recall", "--")) if key == "masked_precision" else ((key, "-"),):
                     means = [np.mean([m[k2] for m in runs[(r, g)]]) for g in gs]
                     stds = [np.std([m[k2] for m in runs[(r, g)]]) for g in gs]
-                    ax.errorbar(gs, means, yerr=stds, marker="o", ms=3, capsize=2, ls=style, color=color[r],
-                                label=f"drop {r:g}" if style == "-" else None)
+                    ax.errorbar(
+                        gs,
+                        means,
+                        yerr=stds,
+                        marker="o",
+                        ms=3,
+                        capsize=2,
+                        ls=style,
+                        color=color[r],
+                        label=f"drop {r:g}" if style == "-" else None,
+                    )
                 ax.axvline(gammas[r], color=color[r], ls=":", lw=1)
             if key == "negatives_per_observed":
                 ax.axhline(k, color="k", ls=":", lw=1)
@@ -103,8 +142,11 @@ def main():
             ax.set_xlim(-0.3, 60)
         axes.flat[0].legend(fontsize=8)
         n = sorted({len(ms) for ms in runs.values()})
-        fig.suptitle(f"label enhancement on the synthetic data: gamma against the share of missing labels "
-                     f"(mean ± std over {'–'.join(map(str, n[::len(n) - 1 or 1]))} seeds, 100 epochs)", fontsize=10)
+        fig.suptitle(
+            f"label enhancement on the synthetic data: gamma against the share of missing labels "
+            f"(mean ± std over {'–'.join(map(str, n[:: len(n) - 1 or 1]))} seeds, 100 epochs)",
+            fontsize=10,
+        )
         fig.tight_layout()
         fig.savefig(args.out, dpi=110)
         print(f"\nwrote {args.out}")

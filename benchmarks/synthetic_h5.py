@@ -10,6 +10,7 @@ docs/data.md, with Y_full, so every run on it also reports its metrics against t
   openmic: 12,678 train, 2,237 validation, 5,085 test clips: OpenMIC-2018's split sizes, so an epoch
            has the ~200 steps of 64 clips that Table I's EMA decay of 0.999 was set for (the default has 20)
 """
+
 import argparse
 import sys
 from pathlib import Path

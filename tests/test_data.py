@@ -1,5 +1,6 @@
 """The data readers against fixtures in the official layouts (shared/DATA.md) and the .h5 layout
 (docs/data.md): what they read, what they keep, and every bad input answered in one line, exit 2."""
+
 import csv
 import json
 import os
@@ -42,12 +43,13 @@ def bad(tmp_path, *args):
 
 #####  OpenMIC-2018  #######################################################################################
 
+
 @pytest.mark.parametrize("names", [("split01_train.csv", "split01_test.csv"), ("train01.txt", "test01.txt")])
 def test_openmic_reads_the_official_layout(tmp_path, names):
     _, raw = write_openmic(tmp_path, partition_names=names)
     d = load("openmic", tmp_path)
     assert d.class_names == OPENMIC_CLASSES
-    assert (len(d.train.X), len(d.val.X), len(d.test.X)) == (60 - 9, 9, 20)     # validation: 15% of train
+    assert (len(d.train.X), len(d.val.X), len(d.test.X)) == (60 - 9, 9, 20)  # validation: 15% of train
     assert d.test.keys == list(raw["test_keys"])
     assert set(d.train.keys) | set(d.val.keys) == set(raw["train_keys"])
     assert not set(d.train.keys) & set(d.val.keys)
@@ -62,8 +64,12 @@ def test_openmic_reads_the_official_layout(tmp_path, names):
 
 
 def test_missing_openmic_folder_names_the_layout_and_the_download(tmp_path):
-    err = refused(call("b1.py", "--dataset", "openmic", "--data-dir", tmp_path, "--out", tmp_path / "o"),
-                  "openmic-2018", "1432913", "class-map.json")
+    err = refused(
+        call("b1.py", "--dataset", "openmic", "--data-dir", tmp_path, "--out", tmp_path / "o"),
+        "openmic-2018",
+        "1432913",
+        "class-map.json",
+    )
     assert "expected layout" in err
 
 
@@ -78,12 +84,15 @@ def test_truncated_openmic_download(tmp_path, npz):
     assert "not a zip" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(Y_mask=None), ["Y_mask", "openmic-2018.npz"]),
-    (dict(X="2d"), ["X should be", "(80, 128)"]),
-    (dict(Y_true="short"), ["Y_true", "(79, 20)"]),
-    (dict(X="nan"), ["NaN or inf", "2 of 80 rows"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(Y_mask=None), ["Y_mask", "openmic-2018.npz"]),
+        (dict(X="2d"), ["X should be", "(80, 128)"]),
+        (dict(Y_true="short"), ["Y_true", "(79, 20)"]),
+        (dict(X="nan"), ["NaN or inf", "2 of 80 rows"]),
+    ],
+)
 def test_openmic_npz_with_wrong_members(change, words, tmp_path, npz):
     path, raw = npz
     arrays = dict(X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
@@ -132,8 +141,9 @@ def test_failed_openmic_downloads(content, tmp_path, npz):
 
 def test_openmic_object_arrays_are_refused(tmp_path, npz):
     path, raw = npz
-    np.savez(path, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"],
-             sample_key=np.array([{"a": 1}] * 80, dtype=object))
+    np.savez(
+        path, X=raw["X"], Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=np.array([{"a": 1}] * 80, dtype=object)
+    )
     assert "sample_key" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
     np.savez(path, X=raw["X"].astype(object), Y_true=raw["Y_true"], Y_mask=raw["mask"], sample_key=raw["keys"])
     assert "openmic-2018.npz" in bad(tmp_path, "--dataset", "openmic", "--data-dir", tmp_path)
@@ -141,13 +151,14 @@ def test_openmic_object_arrays_are_refused(tmp_path, npz):
 
 #####  SONYC-UST v2  #######################################################################################
 
+
 def test_sonyc_targets_and_mask_by_hand(tmp_path, sonyc):
     d = load("sonyc", tmp_path)
     fine = [t for t in SONYC_FINE if "-X" not in t]
     assert d.class_names == fine and len(fine) == 23
     col = {t.split("_")[0]: i for i, t in enumerate(fine)}
     assert d.train.keys == ["00_000001.wav", "00_000002.wav"]
-    assert d.val.keys == ["01_000003.wav", "01_000005.wav"]          # 01_000004 has no verified row
+    assert d.val.keys == ["01_000003.wav", "01_000005.wav"]  # 01_000004 has no verified row
     assert d.test.keys == ["02_000006.wav", "02_000007.wav"]
     Y, obs = d.train.Y.numpy(), d.train.observed.numpy()
     # clip 1: crowd annotators 10 and 11; any "present" wins; the team row (8-1) is ignored
@@ -193,12 +204,26 @@ def test_sonyc_cache_notices_changed_annotations_and_embeddings(tmp_path, sonyc)
 
 @pytest.mark.parametrize("level", ["fine", "coarse"])
 def test_sonyc_runs_write_a_submission_that_the_standalone_scorer_reads_back(level, tmp_path, sonyc):
-    ok(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--level", level, "--epochs", 1,
-            "--out", tmp_path / "o"))
+    ok(
+        call(
+            "b1.py",
+            "--dataset",
+            "sonyc",
+            "--data-dir",
+            tmp_path,
+            "--level",
+            level,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "o",
+        )
+    )
     folder = tmp_path / "o" / f"{'sonyc' if level == 'fine' else 'sonyc_coarse'}__b1__seed0__epochs1"
     test = json.loads((folder / "metrics.json").read_text())["test"]
     for key in ["auprc_macro_masked", "ap_macro_masked", "dcase_coarse_micro_auprc", "dcase_micro_f1"] + (
-            ["dcase_fine_micro_auprc", "dcase_fine_macro_auprc"] if level == "fine" else []):
+        ["dcase_fine_micro_auprc", "dcase_fine_macro_auprc"] if level == "fine" else []
+    ):
         assert key in test, key
     with open(folder / "test_predictions.csv") as fh:
         table = list(csv.reader(fh))
@@ -212,24 +237,34 @@ def test_sonyc_runs_write_a_submission_that_the_standalone_scorer_reads_back(lev
     assert all(scored[k] == pytest.approx(test[k], abs=1e-12) for k in keys)
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("no folder", ["annotations.csv", "3966543", "openl3"]),
-    ("no annotator_id", ["annotations.csv", "annotator_id"]),
-    ("presence 2", ["annotations.csv, line 12", "'2'"]),
-    ("embedding missing", ["1 embedding file(s)", "02_000007.npz"]),
-    ("embedding shape", ["02_000006.npz", "(10, 512)"]),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("no folder", ["annotations.csv", "3966543", "openl3"]),
+        ("no annotator_id", ["annotations.csv", "annotator_id"]),
+        ("presence 2", ["annotations.csv, line 12", "'2'"]),
+        ("embedding missing", ["1 embedding file(s)", "02_000007.npz"]),
+        ("embedding shape", ["02_000006.npz", "(10, 512)"]),
+    ],
+)
 def test_bad_sonyc_inputs(kind, words, tmp_path):
     if kind != "no folder":
-        write_sonyc(tmp_path, **{"no annotator_id": dict(drop_column="annotator_id"), "presence 2": dict(bad_value=2),
-                                 "embedding missing": dict(skip_embedding="02_000007.wav"),
-                                 "embedding shape": dict(bad_shape=(10, 512))}[kind])
+        write_sonyc(
+            tmp_path,
+            **{
+                "no annotator_id": dict(drop_column="annotator_id"),
+                "presence 2": dict(bad_value=2),
+                "embedding missing": dict(skip_embedding="02_000007.wav"),
+                "embedding shape": dict(bad_shape=(10, 512)),
+            }[kind],
+        )
     err = refused(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"), *words)
     assert not (tmp_path / "o").exists()
     assert err
 
 
 #####  Your own .h5  #######################################################################################
+
 
 @pytest.mark.parametrize("kind", ["bytes", "unicode"])
 def test_h5_accepts_bytes_and_unicode_strings(kind, tmp_path):
@@ -245,13 +280,15 @@ def test_h5_with_the_complete_truth(tmp_path):
     assert torch.equal(d.train.Y_full.bool() & d.train.observed, d.train.Y.bool())
 
 
-@pytest.mark.parametrize("dtype, kept", [(np.uint8, torch.uint8), (np.float16, torch.float16),
-                                         (np.float64, torch.float32), (np.int16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, kept",
+    [(np.uint8, torch.uint8), (np.float16, torch.float16), (np.float64, torch.float32), (np.int16, torch.float32)],
+)
 def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
     path = write_scaled_h5(tmp_path / "x.h5", dtype, 1)
     assert load(path).train.X.dtype == kept
     whole, _, _ = common.load_h5(path)
-    blocks, _, _ = common.load_h5(path, block_bytes=3000)      # 2 clips a block: many blocks
+    blocks, _, _ = common.load_h5(path, block_bytes=3000)  # 2 clips a block: many blocks
     for s in ("train", "val", "test"):
         assert np.array_equal(whole[s]["X"], blocks[s]["X"])
 
@@ -259,17 +296,20 @@ def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
 def test_h5_values_the_model_cannot_take_are_refused_by_row(tmp_path):
     path = write_scaled_h5(tmp_path / "x.h5", np.float64, 1)
     with h5py.File(path, "a") as f:
-        f["X"][50, 0, 0] = 1e300                             # finite as float64, inf as float32
-        f["X"][51, 0, 0] = 3e38                              # finite, but beyond what batch statistics square
+        f["X"][50, 0, 0] = 1e300  # finite as float64, inf as float32
+        f["X"][51, 0, 0] = 3e38  # finite, but beyond what batch statistics square
     err = bad(tmp_path, "--dataset", path)
     assert "x.h5" in err and "in 2 of 64 rows 0..63" in err and "rescale X" in err
 
 
-@pytest.mark.parametrize("edit, words", [
-    ("no observed", ["x.h5", "observed"]),
-    ("split dev", ["unknown split name(s) ['dev']"]),
-    ("flat X", ["X[:, None, :]"]),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ("no observed", ["x.h5", "observed"]),
+        ("split dev", ["unknown split name(s) ['dev']"]),
+        ("flat X", ["X[:, None, :]"]),
+    ],
+)
 def test_bad_h5_inputs(edit, words, tmp_path):
     path = write_h5(tmp_path / "x.h5")
     with h5py.File(path, "a") as f:
@@ -306,6 +346,7 @@ def test_a_class_without_training_label_warns_and_is_left_out(tmp_path):
 
 #####  Label removal and the synthetic data  ################################################################
 
+
 def test_drop_labels_touches_only_observed_training_labels():
     d0, d = load("synthetic"), load("synthetic", drop_rate=0.4)
     before, after = d0.train.observed, d.train.observed
@@ -324,11 +365,12 @@ def test_drop_seed_changes_which_labels_not_how_many():
 def test_synthetic_data_is_partially_labelled_and_fixed():
     d = load("synthetic")
     assert 0.08 < d.train.observed.float().mean().item() < 0.14
-    assert d.train.Y[d.train.observed].mean().item() > 2 * d.train.Y_full.mean().item()   # positives over-represented
+    assert d.train.Y[d.train.observed].mean().item() > 2 * d.train.Y_full.mean().item()  # positives over-represented
     assert torch.equal(load("synthetic").train.X, d.train.X)
 
 
 #####  Every corruption that once escaped: one line, exit 2, or it loads as it should  ######################
+
 
 def rewrite_npz(path, **changes):
     arrays = read_openmic_npz(path)
@@ -348,47 +390,90 @@ def rewrite_member(path, name, edit):
 
 
 OPENMIC_CASES = {
-    "partition with a non-UTF-8 byte": (lambda r, raw: (r / "partitions/split01_train.csv").write_bytes(
-        (r / "partitions/split01_train.csv").read_bytes() + b"\xff\n"), ["split01_train.csv", "UTF-8"]),
-    "partition saved as UTF-16": (lambda r, raw: (r / "partitions/split01_test.csv").write_bytes(
-        (r / "partitions/split01_test.csv").read_text().encode("utf-16")), ["split01_test.csv"]),
-    "Y_true as strings": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(str)),
-                          ["Y_true", "expected numbers"]),
-    "Y_true NaN": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=np.where(raw["mask"], np.nan, 0.5)),
-                   ["Y_true should be confidences in [0, 1]"]),
+    "partition with a non-UTF-8 byte": (
+        lambda r, raw: (r / "partitions/split01_train.csv").write_bytes(
+            (r / "partitions/split01_train.csv").read_bytes() + b"\xff\n"
+        ),
+        ["split01_train.csv", "UTF-8"],
+    ),
+    "partition saved as UTF-16": (
+        lambda r, raw: (r / "partitions/split01_test.csv").write_bytes(
+            (r / "partitions/split01_test.csv").read_text().encode("utf-16")
+        ),
+        ["split01_test.csv"],
+    ),
+    "Y_true as strings": (
+        lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(str)),
+        ["Y_true", "expected numbers"],
+    ),
+    "Y_true NaN": (
+        lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=np.where(raw["mask"], np.nan, 0.5)),
+        ["Y_true should be confidences in [0, 1]"],
+    ),
     "Y_true above 1": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"] * 3), ["Y_true"]),
-    "Y_true complex": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(complex)),
-                       ["Y_true"]),
+    "Y_true complex": (
+        lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_true=raw["Y_true"].astype(complex)),
+        ["Y_true"],
+    ),
     "Y_mask 0.5": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_mask=raw["mask"] * 0.5), ["Y_mask"]),
-    "Y_mask as 'True'/'False'": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_mask=raw["mask"].astype(str)),
-                                 ["Y_mask"]),
+    "Y_mask as 'True'/'False'": (
+        lambda r, raw: rewrite_npz(r / "openmic-2018.npz", Y_mask=raw["mask"].astype(str)),
+        ["Y_mask"],
+    ),
     "class-map null": (lambda r, raw: (r / "class-map.json").write_text("null"), ["class-map.json"]),
     "class-map a list": (lambda r, raw: (r / "class-map.json").write_text("[1, 2]"), ["class-map.json"]),
-    "class-map 100,000 nested [": (lambda r, raw: (r / "class-map.json").write_text("[" * 100000),
-                                   ["class-map.json"]),
-    "class-map null values": (lambda r, raw: (r / "class-map.json").write_text(
-        json.dumps({c: None for c in OPENMIC_CLASSES})), ["class-map.json"]),
-    "class-map indices all 0": (lambda r, raw: (r / "class-map.json").write_text(
-        json.dumps({c: 0 for c in OPENMIC_CLASSES})), ["class-map.json"]),
-    "class-map a name twice": (lambda r, raw: (r / "class-map.json").write_text(
-        json.dumps({c: i for i, c in enumerate(OPENMIC_CLASSES)})[:-1] + ', "bass": 7}'), ["named twice"]),
-    "member without .npy": (lambda r, raw: rewrite_member(r / "openmic-2018.npz", "X.npy", "X"),
-                            ["missing array(s) ['X']"]),
-    "npy header without its }": (lambda r, raw: rewrite_member(
-        r / "openmic-2018.npz", "Y_true.npy", lambda d: d.replace(b"}", b" ", 1)), ["cannot read"]),
+    "class-map 100,000 nested [": (lambda r, raw: (r / "class-map.json").write_text("[" * 100000), ["class-map.json"]),
+    "class-map null values": (
+        lambda r, raw: (r / "class-map.json").write_text(json.dumps({c: None for c in OPENMIC_CLASSES})),
+        ["class-map.json"],
+    ),
+    "class-map indices all 0": (
+        lambda r, raw: (r / "class-map.json").write_text(json.dumps({c: 0 for c in OPENMIC_CLASSES})),
+        ["class-map.json"],
+    ),
+    "class-map a name twice": (
+        lambda r, raw: (r / "class-map.json").write_text(
+            json.dumps({c: i for i, c in enumerate(OPENMIC_CLASSES)})[:-1] + ', "bass": 7}'
+        ),
+        ["named twice"],
+    ),
+    "member without .npy": (
+        lambda r, raw: rewrite_member(r / "openmic-2018.npz", "X.npy", "X"),
+        ["missing array(s) ['X']"],
+    ),
+    "npy header without its }": (
+        lambda r, raw: rewrite_member(r / "openmic-2018.npz", "Y_true.npy", lambda d: d.replace(b"}", b" ", 1)),
+        ["cannot read"],
+    ),
     "compression method 99": (None, ["cannot read", "NotImplementedError"]),
-    "sample_key asking for terabytes": (lambda r, raw: rewrite_npz(
-        r / "openmic-2018.npz", sample_key=np.array([HugeArray()] + list(raw["keys"][1:]), dtype=object)),
-        ["refused", "sample_key"]),
-    "a sample key twice": (lambda r, raw: rewrite_npz(
-        r / "openmic-2018.npz", sample_key=np.array([raw["keys"][1]] + list(raw["keys"][1:]), dtype=object)),
-        ["sample_key must be unique"]),
-    "a key in train and test": (lambda r, raw: (r / "partitions/split01_test.csv").write_text(
-        "".join(k + "\n" for k in list(raw["test_keys"]) + [raw["train_keys"][0]])), ["in both train and test"]),
-    "a key twice in a partition": (lambda r, raw: (r / "partitions/split01_test.csv").write_text(
-        "".join(k + "\n" for k in list(raw["test_keys"]) * 2)), ["listed twice"]),
-    "one train key": (lambda r, raw: (r / "partitions/split01_train.csv").write_text(raw["train_keys"][0]),
-                      ["1 train key(s)"]),
+    "sample_key asking for terabytes": (
+        lambda r, raw: rewrite_npz(
+            r / "openmic-2018.npz", sample_key=np.array([HugeArray()] + list(raw["keys"][1:]), dtype=object)
+        ),
+        ["refused", "sample_key"],
+    ),
+    "a sample key twice": (
+        lambda r, raw: rewrite_npz(
+            r / "openmic-2018.npz", sample_key=np.array([raw["keys"][1]] + list(raw["keys"][1:]), dtype=object)
+        ),
+        ["sample_key must be unique"],
+    ),
+    "a key in train and test": (
+        lambda r, raw: (r / "partitions/split01_test.csv").write_text(
+            "".join(k + "\n" for k in list(raw["test_keys"]) + [raw["train_keys"][0]])
+        ),
+        ["in both train and test"],
+    ),
+    "a key twice in a partition": (
+        lambda r, raw: (r / "partitions/split01_test.csv").write_text(
+            "".join(k + "\n" for k in list(raw["test_keys"]) * 2)
+        ),
+        ["listed twice"],
+    ),
+    "one train key": (
+        lambda r, raw: (r / "partitions/split01_train.csv").write_text(raw["train_keys"][0]),
+        ["1 train key(s)"],
+    ),
     "no frames": (lambda r, raw: rewrite_npz(r / "openmic-2018.npz", X=raw["X"][:, :0]), ["X should be"]),
 }
 
@@ -397,12 +482,12 @@ OPENMIC_CASES = {
 def test_openmic_corruption(case, tmp_path):
     root, raw = write_openmic(tmp_path)
     edit, words = OPENMIC_CASES[case]
-    if case == "compression method 99":                # a method zipfile cannot decompress
+    if case == "compression method 99":  # a method zipfile cannot decompress
         data = bytearray((root / "openmic-2018.npz").read_bytes())
-        for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):   # local and central headers
+        for sig, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers
             at = data.find(sig)
             while at >= 0:
-                data[at + offset:at + offset + 2] = (99).to_bytes(2, "little")
+                data[at + offset : at + offset + 2] = (99).to_bytes(2, "little")
                 at = data.find(sig, at + 4)
         (root / "openmic-2018.npz").write_bytes(bytes(data))
     else:
@@ -438,19 +523,26 @@ def edit_csv(root, edit):
 def set_cell(row, column, value):
     def edit(table):
         table[row][table[0].index(column)] = value
+
     return edit
 
 
 def drop_column(name):
-    return lambda table: [r[:table[0].index(name)] + r[table[0].index(name) + 1:] for r in table]
+    return lambda table: [r[: table[0].index(name)] + r[table[0].index(name) + 1 :] for r in table]
 
 
 SONYC_CASES = {
-    "coarse column removed, fine ones kept": (drop_column("3_non-machinery-impact_presence"),
-                                              ["group(s) [3] have no coarse presence column"]),
-    "a fine tag twice": (lambda t: [r + [r[t[0].index("1-1_small-sounding-engine_presence")]] for r in t][:1] and
-                         [t[0] + ["1-1_small-sounding-engine-again_presence"]] + [r + ["0"] for r in t[1:]],
-                         ["more than one presence column"]),
+    "coarse column removed, fine ones kept": (
+        drop_column("3_non-machinery-impact_presence"),
+        ["group(s) [3] have no coarse presence column"],
+    ),
+    "a fine tag twice": (
+        lambda t: (
+            [r + [r[t[0].index("1-1_small-sounding-engine_presence")]] for r in t][:1]
+            and [t[0] + ["1-1_small-sounding-engine-again_presence"]] + [r + ["0"] for r in t[1:]]
+        ),
+        ["more than one presence column"],
+    ),
     "annotator_id inf": (set_cell(1, "annotator_id", "inf"), ["annotator_id is 'inf'"]),
     "annotator_id 1e400": (set_cell(1, "annotator_id", "1e400"), ["annotator_id"]),
     "annotator_id 0.5": (set_cell(1, "annotator_id", "0.5"), ["not an integer"]),
@@ -478,15 +570,19 @@ def test_sonyc_embedding_corruption(case, tmp_path, sonyc):
         np.save(tmp_path / "e.npy", np.zeros((11, 512), np.float32))
         (tmp_path / "e.npy").replace(path)
     else:
-        rewrite_member(path, "embedding.npy", "embedding" if case == "member without .npy" else
-                       lambda d: d.replace(b"}", b" ", 1))
-    refused(call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"),
-            "02_000007.npz", "unreadable")
+        rewrite_member(
+            path, "embedding.npy", "embedding" if case == "member without .npy" else lambda d: d.replace(b"}", b" ", 1)
+        )
+    refused(
+        call("b1.py", "--dataset", "sonyc", "--data-dir", tmp_path, "--out", tmp_path / "o"),
+        "02_000007.npz",
+        "unreadable",
+    )
 
 
 def test_sonyc_header_with_a_bom_loads(tmp_path, sonyc):
     path = sonyc / "annotations.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())     # the first column is a coarse one
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # the first column is a coarse one
     assert load("sonyc", tmp_path).class_names[0] == "1-1_small-sounding-engine"
 
 
@@ -496,14 +592,17 @@ def test_a_damaged_sonyc_cache_is_rebuilt(damage, tmp_path, sonyc):
     cache = sonyc / "embeddings_cache.npz"
     data = bytearray(cache.read_bytes())
     if damage == "truncated":
-        data = data[:len(data) // 2]
-    elif damage == "a flipped byte":                       # in X's data: only the zip's CRC tells
+        data = data[: len(data) // 2]
+    elif damage == "a flipped byte":  # in X's data: only the zip's CRC tells
         data[data.find(np.float32(first.train.X[0, 0, 1]).tobytes())] ^= 1
     else:
         with np.load(cache) as z:
             X, key = z["X"], str(z["key"])
-        np.savez(tmp_path / "c.npz", X=X if damage == "another key" else X[:, :5], key=np.array(
-            "0" * 64 if damage == "another key" else key))
+        np.savez(
+            tmp_path / "c.npz",
+            X=X if damage == "another key" else X[:, :5],
+            key=np.array("0" * 64 if damage == "another key" else key),
+        )
         data = (tmp_path / "c.npz").read_bytes()
     cache.write_bytes(bytes(data))
     assert torch.equal(load("sonyc", tmp_path).train.X, first.train.X)
@@ -524,8 +623,11 @@ def edit_h5(path, key, value):
 
 H5_CASES = {
     "a key not UTF-8": ("keys", np.array([b"\xff\xfe"] + [f"clip{i}".encode() for i in range(1, 60)]), ["not UTF-8"]),
-    "a split not UTF-8": ("split", np.array([b"\xff"] + [b"train"] * 29 + [b"val"] * 15 + [b"test"] * 15),
-                          ["not UTF-8"]),
+    "a split not UTF-8": (
+        "split",
+        np.array([b"\xff"] + [b"train"] * 29 + [b"val"] * 15 + [b"test"] * 15),
+        ["not UTF-8"],
+    ),
     "class_names not UTF-8": ("class_names", [b"\xff", b"b", b"c", b"d", b"e"], ["not UTF-8"]),
     "keys empty": ("keys", h5py.Empty("S5"), ["keys should be a 1-D array of strings"]),
     "split empty": ("split", h5py.Empty("S5"), ["split should be a 1-D array of strings"]),
@@ -549,8 +651,11 @@ H5_CASES = {
     "X without frames": ("X", np.zeros((60, 0, 16), np.float32), ["X should be (N, T, D) with T, D >= 1"]),
     "keys one short": ("keys", np.array([f"clip{i}".encode() for i in range(59)]), ["keys has 59 entries"]),
     "keys one long": ("keys", np.array([f"clip{i}".encode() for i in range(61)]), ["keys has 61 entries"]),
-    "a key twice": ("keys", np.array([b"clip1"] + [f"clip{i}".encode() for i in range(1, 60)]),
-                    ["keys must be unique"]),
+    "a key twice": (
+        "keys",
+        np.array([b"clip1"] + [f"clip{i}".encode() for i in range(1, 60)]),
+        ["keys must be unique"],
+    ),
     "Y_full against Y": ("Y_full", np.zeros((60, 5), bool), ["Y_full differs from Y"]),
 }
 
@@ -581,7 +686,7 @@ def test_unobserved_labels_may_hold_anything_numeric(tmp_path):
     path = write_h5(tmp_path / "x.h5")
     with h5py.File(path, "a") as f:
         Y = f["Y"][()]
-        Y[~f["observed"][()]] = np.nan                     # documented: ignored where not observed
+        Y[~f["observed"][()]] = np.nan  # documented: ignored where not observed
         del f["Y"]
         f["Y"] = Y
     assert len(load(path).train.X) == 30
@@ -593,8 +698,11 @@ def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_pa
     Python timeout (benchmarks/fuzz.py, seed 0): every .h5 is read in a child process first. Here the child
     is made to hang or crash on purpose."""
     path = write_h5(tmp_path / "x.h5")
-    monkeypatch.setattr(common, "H5_PROBE", "import time; time.sleep(60)" if how == "hangs" else
-                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(
+        common,
+        "H5_PROBE",
+        "import time; time.sleep(60)" if how == "hangs" else "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+    )
     with pytest.raises(common.UserError, match="the HDF5 library hung or crashed reading it"):
         common.probe_h5(path, seconds=1)
 
@@ -602,7 +710,7 @@ def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_pa
 def test_an_h5_declaring_more_than_the_memory_is_refused_before_it_is_read(tmp_path):
     """HDF5 stores a dataset that was never written as fill values: a small file may declare 480 GiB."""
     path = tmp_path / "claim.h5"
-    n = 10 ** 8
+    n = 10**8
     with h5py.File(path, "w") as f:
         f.create_dataset("X", shape=(n, 10, 128), dtype="f4", chunks=(1000, 10, 128))
         f.create_dataset("Y", shape=(n, 2), dtype="f4", chunks=(10000, 2))

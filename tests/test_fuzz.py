@@ -1,6 +1,7 @@
 """The three readers under random corruption (benchmarks/fuzz.py, fewer cases): every case must load valid
 data as an independent reader reads it, or stop with the one-line error; never a traceback, a hang, or
 invalid or wrong data loaded."""
+
 import signal
 import sys
 
@@ -21,5 +22,5 @@ def test_random_corruptions_load_valid_data_or_stop_in_one_line(reader, tmp_path
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert failures == []
-    assert counts.get("loaded", 0) > 10          # the corruptions leave some files valid ...
-    assert counts.get("clean error", 0) > 40     # ... and break most
+    assert counts.get("loaded", 0) > 10  # the corruptions leave some files valid ...
+    assert counts.get("clean error", 0) > 40  # ... and break most

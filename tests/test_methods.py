@@ -1,6 +1,7 @@
 """The model and the methods: their pieces on hand-made cases, their training steps (no host sync, so
 --fast can capture them), the learning-rate history, label enhancement's teacher selection, inputs at
 odd scales, le_mean_teacher.py's copies, and, where CUDA is present, --fast against the eager run."""
+
 import inspect
 import json
 import subprocess
@@ -53,14 +54,15 @@ def test_saturated_classifier_keeps_the_output_in_0_1():
     torch.manual_seed(0)
     model = common.AttentionMIL(16, 5, layers=1, hidden=16, dropout=0.0).eval()
     with torch.no_grad():
-        model.classifier.bias.fill_(60.0)                 # sigmoid = 1.0 exactly
-        model.attention.weight.normal_(0, 3)              # uneven weights: their sum is 1 + eps
+        model.classifier.bias.fill_(60.0)  # sigmoid = 1.0 exactly
+        model.attention.weight.normal_(0, 3)  # uneven weights: their sum is 1 + eps
     p = model(torch.randn(256, 10, 16) * 100)
     assert ((p >= 0) & (p <= 1)).all()
     assert (p == 1).any()
 
 
 #####  Method pieces by hand  ###############################################################################
+
 
 def test_enhanced_mask_by_hand():
     observed = torch.tensor([[1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
@@ -79,11 +81,11 @@ def test_enhanced_mask_by_hand():
 def test_enhanced_mask_edge_cases():
     observed = torch.tensor([[1], [0], [0], [0], [0]], dtype=torch.bool)
     scores = torch.tensor([[0.9], [0.8], [0.1], [0.4], [0.6]])
-    assert torch.equal(label_enhance.enhance_mask(scores, observed, 0)[0], observed)     # gamma 0 = B1
-    assert label_enhance.enhance_mask(scores, observed, 100)[0].all()                    # gamma 100 = B0
-    assert label_enhance.enhance_mask(scores, observed, 10)[1][0]["masked"] == 4         # round(0.9 * 4) = 4
-    one = label_enhance.enhance_mask(scores[:2], observed[:2], 90)      # round(0.1 * 1) = 0: masks none
-    assert one[1][0]["masked"] == 0                                     # (the paper's code masked them all)
+    assert torch.equal(label_enhance.enhance_mask(scores, observed, 0)[0], observed)  # gamma 0 = B1
+    assert label_enhance.enhance_mask(scores, observed, 100)[0].all()  # gamma 100 = B0
+    assert label_enhance.enhance_mask(scores, observed, 10)[1][0]["masked"] == 4  # round(0.9 * 4) = 4
+    one = label_enhance.enhance_mask(scores[:2], observed[:2], 90)  # round(0.1 * 1) = 0: masks none
+    assert one[1][0]["masked"] == 0  # (the paper's code masked them all)
     assert one[0].all()
 
 
@@ -92,31 +94,48 @@ def test_one_ema_update_by_hand():
     step = torch.zeros(())
     mean_teacher.ema_update(teacher, student, step, ema_decay=0.99)
     assert step.item() == 1
-    assert torch.allclose(teacher[0], torch.tensor([2.0, 4.0]))   # t = 1: alpha = min(1 - 1/2, 0.99) = 0.5
+    assert torch.allclose(teacher[0], torch.tensor([2.0, 4.0]))  # t = 1: alpha = min(1 - 1/2, 0.99) = 0.5
     step.fill_(1000)
-    mean_teacher.ema_update(teacher, student, step, ema_decay=0.99)   # alpha = 0.99 from then on
+    mean_teacher.ema_update(teacher, student, step, ema_decay=0.99)  # alpha = 0.99 from then on
     assert torch.allclose(teacher[0], 0.99 * torch.tensor([2.0, 4.0]) + 0.01 * torch.tensor([3.0, 6.0]))
 
 
-@pytest.mark.parametrize("name, origin", [("enhance_mask", label_enhance), ("percentage", label_enhance),
-                                          ("ema_tensors", mean_teacher), ("ema_update", mean_teacher)])
+@pytest.mark.parametrize(
+    "name, origin",
+    [
+        ("enhance_mask", label_enhance),
+        ("percentage", label_enhance),
+        ("ema_tensors", mean_teacher),
+        ("ema_update", mean_teacher),
+    ],
+)
 def test_le_mean_teachers_copies_match_their_originals(name, origin):
     assert inspect.getsource(getattr(le_mean_teacher, name)) == inspect.getsource(getattr(origin, name))
 
 
 #####  The training step: no host sync, so a CUDA graph can capture it  ######################################
 
+
 def untraced(f, *args, **kwargs):
     with _disable_current_modes():
         return f(*args, **kwargs)
 
 
-SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
-         "aten::_unique2", "aten::unique_consecutive", "aten::equal"}
+SYNCS = {
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::equal",
+}
 
 
 class SyncTrap(TorchDispatchMode):
     """Records every operator that reads a device value on the host, or whose output size depends on one."""
+
     def __init__(self):
         super().__init__()
         self.syncs, self.ops = [], 0
@@ -151,7 +170,7 @@ def test_training_step_makes_no_host_sync(method, tmp_path, h5, monkeypatch):
                 return step(*batch)
             done.append(True)
             reals = [opt.step for opt in optimizers]
-            for opt, real in zip(optimizers, reals):   # the optimizer's own step runs untraced
+            for opt, real in zip(optimizers, reals):  # the optimizer's own step runs untraced
                 opt.step = lambda *a, real=real, **k: untraced(real, *a, **k)
             with SyncTrap() as trap:
                 loss = step(*batch)
@@ -159,13 +178,14 @@ def test_training_step_makes_no_host_sync(method, tmp_path, h5, monkeypatch):
                 opt.step = real
             traced.append(trap)
             return loss
+
         return traced_step
 
     monkeypatch.setattr(common, "fast_step", trace_first_call)
     ok(call(f"{method}.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path))
     assert len(traced) == (2 if method in ("label_enhance", "le_mean_teacher") else 1)
     for trap in traced:
-        assert trap.ops > 50          # the whole step was traced
+        assert trap.ops > 50  # the whole step was traced
         assert trap.syncs == []
 
 
@@ -180,22 +200,25 @@ def test_ema_update_makes_no_host_sync():
 
 #####  The learning rate: halved every 30 epochs, recorded before the scheduler halves it  ###################
 
+
 def check_lr(folder):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_lr.py"), str(folder)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "check_lr.py"), str(folder)], capture_output=True, text=True
+    )
 
 
 def test_tensor_learning_rate_is_recorded_for_its_own_epoch(tmp_path, h5, monkeypatch):
     """--fast makes the learning rate a float32 tensor that the scheduler updates in place; on the CPU the
     same happens with a tensor learning rate and foreach off."""
     adam = torch.optim.Adam
-    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr, **kw: adam(params, lr=torch.tensor(lr), foreach=False,
-                                                                               **kw))
+    monkeypatch.setattr(
+        torch.optim, "Adam", lambda params, lr, **kw: adam(params, lr=torch.tensor(lr), foreach=False, **kw)
+    )
     ok(call("b1.py", "--dataset", h5, "--epochs", 32, "--out", tmp_path))
     lrs = [e["lr"] for e in metrics_of(tmp_path)["history"]]
-    assert lrs[29] == pytest.approx(1e-3, rel=1e-6)     # epoch 30
-    assert lrs[30] == pytest.approx(5e-4, rel=1e-6)     # epoch 31
-    assert lrs[29] != 1e-3                              # it was float32 indeed
+    assert lrs[29] == pytest.approx(1e-3, rel=1e-6)  # epoch 30
+    assert lrs[30] == pytest.approx(5e-4, rel=1e-6)  # epoch 31
+    assert lrs[29] != 1e-3  # it was float32 indeed
     p = ok(check_lr(run_dirs(tmp_path)[0]))
     assert "halved at epochs 31" in p.stdout
 
@@ -205,7 +228,7 @@ def test_check_lr_refuses_a_wrong_schedule(tmp_path, h5):
     folder = run_dirs(tmp_path)[0]
     assert "halved at epochs 31, 61" in ok(check_lr(folder)).stdout
     m = json.loads((folder / "metrics.json").read_text())
-    m["history"][40]["lr"] = m["history"][20]["lr"]        # a schedule that kept the first rate too long
+    m["history"][40]["lr"] = m["history"][20]["lr"]  # a schedule that kept the first rate too long
     (folder / "metrics.json").write_text(json.dumps(m))
     assert check_lr(folder).returncode == 1
     (folder / "metrics.json").write_text("{")
@@ -214,13 +237,17 @@ def test_check_lr_refuses_a_wrong_schedule(tmp_path, h5):
 
 #####  Label enhancement's teacher selection  ###############################################################
 
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     out = tmp_path_factory.mktemp("le")
     ok(call("label_enhance.py", "--epochs", 4, "--out", out))
     p = ok(call("label_enhance.py", "--epochs", 4, "--out", out, "--teacher-selection", "observed"))
-    return (metrics_of(out, "synthetic__label_enhance__seed0__epochs4")["teacher"],
-            metrics_of(out, "synthetic__label_enhance__seed0__epochs4__teacher-observed")["teacher"], p.stderr)
+    return (
+        metrics_of(out, "synthetic__label_enhance__seed0__epochs4")["teacher"],
+        metrics_of(out, "synthetic__label_enhance__seed0__epochs4__teacher-observed")["teacher"],
+        p.stderr,
+    )
 
 
 @pytest.mark.parametrize("rule", ["b0", "observed"])
@@ -240,6 +267,7 @@ def test_the_two_teacher_rules_disagree_on_synthetic_data_and_epoch_1_warns(teac
 
 #####  Odd inputs that must still train  ####################################################################
 
+
 def test_batches_without_observed_labels_give_no_nan(tmp_path):
     path = write_h5(tmp_path / "sparse.h5", observed_share=0.0)  # most rows have no observed label
     for method in ("b1", "mean_teacher"):
@@ -257,6 +285,7 @@ def test_raw_bytes_and_large_floats_train(method, kind, tmp_path):
 
 
 #####  CUDA: --fast against the eager run (skipped, and said so, without a GPU; benchmarks/gpu_check.sh)  ##
+
 
 def histories(m):
     return m["history"] + m.get("teacher", m.get("stage1", {})).get("history", [])

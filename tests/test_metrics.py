@@ -1,5 +1,6 @@
 """Metrics: the paper's F1 and AUPRC, average precision, calibration and the official DCASE metric, each
 against scikit-learn, a hand-computed case or an independent computation."""
+
 import json
 
 import numpy as np
@@ -43,8 +44,8 @@ def test_classwise_f1_by_hand_with_a_class_without_labels():
     # class b on 3 entries: y 0,1,1  pred 0,1,0 -> present F1 2/3, absent F1 2/3
     assert out["per_class_f1_pos"]["b"] == pytest.approx(2 / 3)
     assert out["per_class_f1_macro"]["b"] == pytest.approx(2 / 3)
-    assert np.isnan(out["per_class_f1_macro"]["c"])              # no observed entry: NaN
-    assert out["f1_macro"] == pytest.approx((1 + 2 / 3) / 2)     # and left out of the mean
+    assert np.isnan(out["per_class_f1_macro"]["c"])  # no observed entry: NaN
+    assert out["f1_macro"] == pytest.approx((1 + 2 / 3) / 2)  # and left out of the mean
 
 
 def test_paper_auprc_is_not_average_precision():
@@ -60,7 +61,7 @@ def test_paper_auprc_matches_an_independent_computation_with_ties():
         n = rng.integers(5, 60)
         y = rng.integers(0, 2, n)
         y[0] = 1
-        s = rng.integers(0, 6, n) / 5.0      # few distinct values: many ties
+        s = rng.integers(0, 6, n) / 5.0  # few distinct values: many ties
         assert common.pr_area(y, s) == pytest.approx(paper_area(y, s), abs=1e-12)
 
 
@@ -81,22 +82,29 @@ def independent(npz):
     """The threshold-free and calibration metrics of a run, from its test_predictions.npz alone."""
     s, y, obs = npz["scores"], npz["labels"], npz["observed"]
     cols = [c for c in range(s.shape[1]) if y[obs[:, c], c].any()]
-    out = dict(auprc_macro_masked=np.mean([paper_area(y[obs[:, c], c], s[obs[:, c], c]) for c in cols]),
-               ap_macro_masked=np.mean([average_precision_score(y[obs[:, c], c], s[obs[:, c], c]) for c in cols]),
-               scored_present_share=(s >= 0.5).mean(), present_share_masked=y[obs].mean())
+    out = dict(
+        auprc_macro_masked=np.mean([paper_area(y[obs[:, c], c], s[obs[:, c], c]) for c in cols]),
+        ap_macro_masked=np.mean([average_precision_score(y[obs[:, c], c], s[obs[:, c], c]) for c in cols]),
+        scored_present_share=(s >= 0.5).mean(),
+        present_share_masked=y[obs].mean(),
+    )
     if "labels_full_truth" in npz.files:
         full = npz["labels_full_truth"]
-        out["ap_macro_full_truth"] = np.mean([average_precision_score(full[:, c], s[:, c])
-                                              for c in range(s.shape[1]) if full[:, c].any()])
+        out["ap_macro_full_truth"] = np.mean(
+            [average_precision_score(full[:, c], s[:, c]) for c in range(s.shape[1]) if full[:, c].any()]
+        )
         out["present_share_full_truth"] = full.mean()
     return out
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "openmic", "h5", "h5 with Y_full"])
 def test_run_metrics_equal_an_independent_computation_from_the_predictions(dataset, tmp_path, openmic):
-    args = dict(synthetic=[], openmic=["--dataset", "openmic", "--data-dir", tmp_path],
-                h5=["--dataset", write_h5(tmp_path / "a.h5")],
-                **{"h5 with Y_full": ["--dataset", write_h5(tmp_path / "b.h5", full_truth=True)]})[dataset]
+    args = dict(
+        synthetic=[],
+        openmic=["--dataset", "openmic", "--data-dir", tmp_path],
+        h5=["--dataset", write_h5(tmp_path / "a.h5")],
+        **{"h5 with Y_full": ["--dataset", write_h5(tmp_path / "b.h5", full_truth=True)]},
+    )[dataset]
     ok(call("b1.py", *args, "--epochs", 1, "--out", tmp_path / "o"))
     folder = run_dirs(tmp_path / "o")[0]
     test = json.loads((folder / "metrics.json").read_text())["test"]
@@ -108,9 +116,13 @@ def test_run_metrics_equal_an_independent_computation_from_the_predictions(datas
 
 #####  The official DCASE 2020 Task 5 metric (sonyc.py)  ##################################################
 
+
 def dcase(scores, fine_truth, x_truth, coarse_truth, level="fine"):
-    extra = dict(fine_truth=np.array(fine_truth, bool), x_truth=np.array(x_truth, bool),
-                 coarse_truth=np.array(coarse_truth, bool))
+    extra = dict(
+        fine_truth=np.array(fine_truth, bool),
+        x_truth=np.array(x_truth, bool),
+        coarse_truth=np.array(coarse_truth, bool),
+    )
     taxonomy = dict(coarse_names=["1_a", "2_b"], fine_group=np.array([0, 0, 1]))
     return sonyc.dcase_metrics(np.array(scores, float), extra, taxonomy, level)
 
@@ -139,8 +151,9 @@ def test_dcase_incomplete_tag_rules_by_hand():
     coarse_truth = [[1, 1], [1, 0], [0, 0]]
     # group 1, t=1.0: TP 0 FP 0 FN 2 (a on clip 1; clip 2's X judged coarsely) -> P 0, R 0
     #          t=0.8: TP 2 (a; clip 2 coarsely) FP 1 (b on clip 3; not b on clip 2, whose truth has X) -> P 2/3, R 1
-    thr, counts = sonyc._group_counts(np.array(scores)[:, :2], np.array(fine_truth, bool)[:, :2],
-                                      np.array(x_truth, bool)[:, 0], fine=True)
+    thr, counts = sonyc._group_counts(
+        np.array(scores)[:, :2], np.array(fine_truth, bool)[:, :2], np.array(x_truth, bool)[:, 0], fine=True
+    )
     assert thr.tolist() == [1.0, 0.8]
     assert counts.tolist() == [[0, 0, 2], [2, 1, 0]]
     # AUPRC group 1: (0,1) (0,0) (1,2/3) (1,0) -> 1/3; group 2: (0,1) (0,0) (1,1) (1,1/2) (1,0) -> 1/2
@@ -148,7 +161,7 @@ def test_dcase_incomplete_tag_rules_by_hand():
     assert m["dcase_fine_macro_auprc"] == pytest.approx((1 / 3 + 1 / 2) / 2, abs=1e-9)
     # micro over the union {0.3, 0.8, 0.9, 1.0}: (3,2,0) (3,1,0) (1,0,2) (0,0,3) -> area 1/6 + 8/15
     assert m["dcase_fine_micro_auprc"] == pytest.approx(0.7, abs=1e-9)
-    assert m["dcase_micro_f1"] == pytest.approx(6 / 7, abs=1e-9)   # at t = 0.8: P 3/4, R 1
+    assert m["dcase_micro_f1"] == pytest.approx(6 / 7, abs=1e-9)  # at t = 0.8: P 3/4, R 1
     assert m["dcase_coarse_macro_auprc"] == pytest.approx(5 / 12, abs=1e-9)
     # without the X rules clip 2 would count as a false positive and a missed coarse positive
     no_x = dcase(scores, fine_truth, [[0, 0]] * 3, coarse_truth)

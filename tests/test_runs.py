@@ -1,5 +1,6 @@
 """Runs and sweeps: run folders and their identity, the options' answers, reproducibility, interruption,
 prediction with a finished run, the copy unit, module boundaries, and simulate_missing.py's sweeps."""
+
 import ast
 import csv
 import importlib.util
@@ -22,8 +23,21 @@ from tests.conftest import METHODS, ROOT, call, load, metrics_of, ok, refused, r
 
 
 def test_folder_names_carry_every_option_that_can_change_the_result():
-    args = common.RunArgs(dataset="synthetic", level="fine", seed=3, epochs=100, lr=0.005, dropout=0.6, drop_rate=0.4,
-                     drop_seed=7, out="r", threads=2, device="cpu", fast=True, data_dir="elsewhere")
+    args = common.RunArgs(
+        dataset="synthetic",
+        level="fine",
+        seed=3,
+        epochs=100,
+        lr=0.005,
+        dropout=0.6,
+        drop_rate=0.4,
+        drop_seed=7,
+        out="r",
+        threads=2,
+        device="cpu",
+        fast=True,
+        data_dir="elsewhere",
+    )
     args.defaults = dict(epochs=100, lr=0.001, dropout=0.6, drop_rate=0.0, drop_seed=common.DROP_SEED)
     assert common.run_name(args, "b1") == "synthetic__b1__seed3__drop0.4__dropseed7__lr0.005"
 
@@ -35,7 +49,7 @@ def test_same_settings_rerun_and_say_so_other_settings_are_refused(tmp_path):
     p = ok(call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path / "o", "--threads", 1, "--device", "cpu"))
     assert "holds a finished run with these settings; this run replaces it" in p.stdout
     (tmp_path / "b").mkdir()
-    other = write_h5(tmp_path / "b" / "mine.h5", seed=1)        # the same file name, another file
+    other = write_h5(tmp_path / "b" / "mine.h5", seed=1)  # the same file name, another file
     p = call("b1.py", "--dataset", other, "--epochs", 1, "--out", tmp_path / "o")
     refused(p, "holds a finished run made with other settings", "--dataset")
     assert "epoch" not in p.stdout
@@ -46,6 +60,7 @@ def test_same_seed_same_metrics_on_cpu_in_separate_processes(tmp_path):
         for e in m["history"]:
             e.pop("seconds")
         return m["history"], m["test"]
+
     ok(run("b1.py", "--epochs", 2, "--out", tmp_path / "a"))
     ok(run("b1.py", "--epochs", 2, "--out", tmp_path / "b"))
     assert strip(metrics_of(tmp_path / "a")) == strip(metrics_of(tmp_path / "b"))
@@ -62,8 +77,13 @@ def test_fast_on_cpu_says_so_and_runs_the_same_eager_run(tmp_path):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_a_stopped_run_leaves_no_metrics(sig, code, tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "b1.py"), "--epochs", "100", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "b1.py"), "--epochs", "100", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:  # wait for the first finished epoch
         if line.startswith("epoch"):
             break
@@ -76,16 +96,20 @@ def test_a_stopped_run_leaves_no_metrics(sig, code, tmp_path):
 
 #####  Options answered in one line  #######################################################################
 
-@pytest.mark.parametrize("args, words", [
-    (["--epochs", 0], ["--epochs", "usage:"]),
-    (["--drop-rate", -0.1], ["--drop-rate"]),
-    (["--dataset", "mnist"], ["--dataset"]),
-    (["--lr", "abc"], ["invalid float value: 'abc'"]),
-    (["--device", "cuda"], ["--device cuda", "0 cuda device(s)"]),
-    (["--device", "mps"], ["--device mps"]),
-    (["--device", "tpu"], ["--device tpu"]),
-    (["--out", "/proc/missing-labels-test"], ["cannot write there"]),
-])
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--epochs", 0], ["--epochs", "usage:"]),
+        (["--drop-rate", -0.1], ["--drop-rate"]),
+        (["--dataset", "mnist"], ["--dataset"]),
+        (["--lr", "abc"], ["invalid float value: 'abc'"]),
+        (["--device", "cuda"], ["--device cuda", "0 cuda device(s)"]),
+        (["--device", "mps"], ["--device mps"]),
+        (["--device", "tpu"], ["--device tpu"]),
+        (["--out", "/proc/missing-labels-test"], ["cannot write there"]),
+    ],
+)
 def test_bad_options_stop_before_any_data_is_read(args, words, tmp_path):
     if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("this machine has CUDA")
@@ -113,6 +137,7 @@ def test_more_threads_than_cores_warn(tmp_path, h5):
 
 
 #####  Tag new clips with a finished run  ###################################################################
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -142,6 +167,7 @@ def test_predict_reproduces_the_runs_test_scores(trained):
 
 def test_load_run_from_python(trained):
     from predict import load_run
+
     model, meta = load_run(trained[2])
     X = load(trained[1]).test.X
     saved = np.load(trained[2] / "test_predictions.npz")
@@ -149,16 +175,29 @@ def test_load_run_from_python(trained):
     assert meta["primary"] == "teacher"
 
 
-@pytest.mark.parametrize("content, words", [
-    ("truncated npz", "not an .npz"), ("random bytes .h5", "cannot read"), ("object keys", "cannot read"),
-    ("metrics.json", "expected an .h5 or .npz"), ("missing", "no such file")])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("truncated npz", "not an .npz"),
+        ("random bytes .h5", "cannot read"),
+        ("object keys", "cannot read"),
+        ("metrics.json", "expected an .h5 or .npz"),
+        ("missing", "no such file"),
+    ],
+)
 def test_predict_refuses_hostile_inputs_in_one_line(content, words, trained, tmp_path):
     folder = trained[2]
     good = tmp_path / "good.npz"
     np.savez(good, X=np.zeros((2, 4, 16), np.float32))
-    path = dict(**{"truncated npz": tmp_path / "t.npz", "random bytes .h5": tmp_path / "r.h5",
-                   "object keys": tmp_path / "o.npz", "metrics.json": folder / "metrics.json",
-                   "missing": tmp_path / "absent.h5"})[content]
+    path = dict(
+        **{
+            "truncated npz": tmp_path / "t.npz",
+            "random bytes .h5": tmp_path / "r.h5",
+            "object keys": tmp_path / "o.npz",
+            "metrics.json": folder / "metrics.json",
+            "missing": tmp_path / "absent.h5",
+        }
+    )[content]
     if content == "truncated npz":
         path.write_bytes(good.read_bytes()[:100])
     elif content == "random bytes .h5":
@@ -175,7 +214,7 @@ def test_predict_refuses_a_folder_without_a_run_or_with_a_corrupt_one(trained, t
 
 
 def test_predict_names_the_file_it_cannot_write(trained, tmp_path):
-    (tmp_path / "tags.csv").mkdir()        # a folder where the file should go
+    (tmp_path / "tags.csv").mkdir()  # a folder where the file should go
     refused(call("predict.py", trained[2], trained[1], "--out", tmp_path / "tags.csv"), str(tmp_path / "tags.csv"))
 
 
@@ -200,8 +239,14 @@ def test_common_and_one_method_script_run_alone(method, tmp_path):
     shutil.copy(ROOT / "common.py", tmp_path)
     shutil.copy(ROOT / f"{method}.py", tmp_path)
     write_h5(tmp_path / "mine.h5")
-    p = subprocess.run([sys.executable, "-c", ALONE.format(method=method)], capture_output=True, text=True,
-                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""), timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", ALONE.format(method=method)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=""),
+        timeout=300,
+    )
     assert len(run_dirs(tmp_path / "runs")) == 2, p.stdout + p.stderr
     assert p.stdout.count("exit") == 1
     assert "exit 2" in p.stdout
@@ -211,8 +256,10 @@ def test_common_and_one_method_script_run_alone(method, tmp_path):
 
 
 def test_imports_run_one_way_and_the_dataset_modules_stand_alone():
-    code = "import sys; sys.modules['torch'] = sys.modules['sklearn'] = sys.modules['common'] = None; " \
+    code = (
+        "import sys; sys.modules['torch'] = sys.modules['sklearn'] = sys.modules['common'] = None; "
         "import sonyc, openmic"
+    )
     ok(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT))
     local = {p.stem for p in ROOT.glob("*.py")}
     graph, top = {}, {}
@@ -225,24 +272,35 @@ def test_imports_run_one_way_and_the_dataset_modules_stand_alone():
 
     def reaches(a, b, seen=()):
         return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph.get(a, ()))
+
     assert not [m for m in graph if reaches(m, m)], graph
     assert graph["sonyc"] == graph["openmic"] == graph["fastpath"] == set()
-    assert top["common"] == set()                       # openmic, sonyc, fastpath only when a run needs them
+    assert top["common"] == set()  # openmic, sonyc, fastpath only when a run needs them
     assert all(top[m] == {"common"} for m in METHODS)
 
 
 #####  Sweeps  #############################################################################################
 
+
 def sweep(tmp_path, *args, methods=("b1",)):
-    return ["--dataset", write_h5(tmp_path / "mine.h5"), "--methods", *methods, "--epochs", 1, "--out",
-            tmp_path / "o", *args]
+    return [
+        "--dataset",
+        write_h5(tmp_path / "mine.h5"),
+        "--methods",
+        *methods,
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "o",
+        *args,
+    ]
 
 
 def test_sweep_resumes_and_summarizes_mean_and_population_std(tmp_path):
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, 1, "--jobs", 2, "--devices", "cpu")
     p = ok(call("simulate_missing.py", *grid))
     assert "4 runs, 0 already finished, 4 to do" in p.stdout
-    assert p.stdout.count(" on cpu in ") == 4                     # each run pinned to a device
+    assert p.stdout.count(" on cpu in ") == 4  # each run pinned to a device
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     row = next(r for r in summary["rows"] if r["rate"] == 0.5)
     f1s = [metrics_of(tmp_path / "o", f"mine__b1__seed{s}__drop0.5__epochs1")["test"]["f1_macro"] for s in (0, 1)]
@@ -267,8 +325,20 @@ def test_sweep_from_another_folder_keeps_its_paths_and_finds_its_runs(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     write_h5(work / "my_birds.h5")
-    args = ["--dataset", "my_birds.h5", "--methods", "b1", "--seeds", 0, "--epochs", 1, "--out", "sweepcwd",
-            "--threads", 1]
+    args = [
+        "--dataset",
+        "my_birds.h5",
+        "--methods",
+        "b1",
+        "--seeds",
+        0,
+        "--epochs",
+        1,
+        "--out",
+        "sweepcwd",
+        "--threads",
+        1,
+    ]
     p = ok(run("simulate_missing.py", *args, cwd=work))
     assert "1 to do" in p.stdout
     assert (work / "sweepcwd" / "summary.csv").is_file()
@@ -280,8 +350,12 @@ def test_sweep_from_another_folder_keeps_its_paths_and_finds_its_runs(tmp_path):
 def test_sweep_varies_any_option_and_tables_it(tmp_path):
     ok(call("simulate_missing.py", *sweep(tmp_path, "--vary", "lr=0.001,0.005", "--seeds", 0, 1, "--jobs", 2)))
     names = sorted(p.name for p in run_dirs(tmp_path / "o"))
-    assert names == ["mine__b1__seed0__epochs1", "mine__b1__seed0__epochs1__lr0.005",
-                     "mine__b1__seed1__epochs1", "mine__b1__seed1__epochs1__lr0.005"]
+    assert names == [
+        "mine__b1__seed0__epochs1",
+        "mine__b1__seed0__epochs1__lr0.005",
+        "mine__b1__seed1__epochs1",
+        "mine__b1__seed1__epochs1__lr0.005",
+    ]
     with open(tmp_path / "o" / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["lr"] for r in rows] == ["0.001", "0.005"]
@@ -290,20 +364,25 @@ def test_sweep_varies_any_option_and_tables_it(tmp_path):
 def test_an_option_of_some_methods_reaches_only_those(tmp_path):
     ok(call("simulate_missing.py", *sweep(tmp_path, "--seeds", 0, "--ema-decay", 0.99, methods=("b1", "mean_teacher"))))
     assert sorted(p.name for p in run_dirs(tmp_path / "o")) == [
-        "mine__b1__seed0__epochs1", "mine__mean_teacher__seed0__epochs1__ema-decay0.99"]
+        "mine__b1__seed0__epochs1",
+        "mine__mean_teacher__seed0__epochs1__ema-decay0.99",
+    ]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--rate", 0, 0.4], ["--rate", "did you mean --rates"]),
-    (["--ema-decay", 0.9], ["--ema-decay: no option of the sweep or of b1"]),
-    (["--seed", 1], ["--seed: the sweep sets this itself"]),
-    (["--drop-rate", 0.4], ["--drop-rate: the sweep sets this itself"]),
-    (["--gamma=50"], ["--gamma: no option"]),
-    (["--vary", "lr"], ["--vary lr: expected NAME=V1,V2"]),
-    (["--vary", "lr=abc"], ["b1.py: argument --lr: invalid float value: 'abc'"]),
-    (["--vary", "lr=0.01", "--lr", 0.1], ["--lr is both varied and passed through"]),
-    (["--devices", "cpu", "--device", "cpu"], ["--device: the sweep sets this itself"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--rate", 0, 0.4], ["--rate", "did you mean --rates"]),
+        (["--ema-decay", 0.9], ["--ema-decay: no option of the sweep or of b1"]),
+        (["--seed", 1], ["--seed: the sweep sets this itself"]),
+        (["--drop-rate", 0.4], ["--drop-rate: the sweep sets this itself"]),
+        (["--gamma=50"], ["--gamma: no option"]),
+        (["--vary", "lr"], ["--vary lr: expected NAME=V1,V2"]),
+        (["--vary", "lr=abc"], ["b1.py: argument --lr: invalid float value: 'abc'"]),
+        (["--vary", "lr=0.01", "--lr", 0.1], ["--lr is both varied and passed through"]),
+        (["--devices", "cpu", "--device", "cpu"], ["--device: the sweep sets this itself"]),
+    ],
+)
 def test_sweep_refuses_what_it_cannot_run_by_name(args, words, tmp_path):
     refused(call("simulate_missing.py", *sweep(tmp_path, "--seeds", 0, *args)), *words)
     assert not (tmp_path / "o").exists()
@@ -314,7 +393,7 @@ def test_sweep_with_runs_made_with_other_settings_is_refused(tmp_path):
     ok(call("simulate_missing.py", *grid))
     folder = run_dirs(tmp_path / "o")[0]
     m = json.loads((folder / "metrics.json").read_text())
-    m["args"]["batch_size"] = 32                      # as if the defaults had changed since
+    m["args"]["batch_size"] = 32  # as if the defaults had changed since
     (folder / "metrics.json").write_text(json.dumps(m))
     refused(call("simulate_missing.py", *grid), "1 finished run(s)", "--batch-size 32 -> 64")
 
@@ -325,17 +404,29 @@ def test_failed_sweeps_leave_earlier_summaries_as_they_were(tmp_path):
     before = (tmp_path / "o" / "summary.csv").read_bytes()
     if not torch.cuda.is_available():
         refused(call("simulate_missing.py", *sweep(tmp_path, "--seeds", 1, "--device", "cuda")), "--device cuda")
-    (tmp_path / "broken.h5").write_bytes(os.urandom(400))   # every run fails when it loads the data
-    p = call("simulate_missing.py", "--dataset", tmp_path / "broken.h5", "--methods", "b1", "--seeds", 0,
-             "--out", tmp_path / "o")
+    (tmp_path / "broken.h5").write_bytes(os.urandom(400))  # every run fails when it loads the data
+    p = call(
+        "simulate_missing.py",
+        "--dataset",
+        tmp_path / "broken.h5",
+        "--methods",
+        "b1",
+        "--seeds",
+        0,
+        "--out",
+        tmp_path / "o",
+    )
     refused(p, "all 1 run(s) of this sweep failed", "no summary written")
     assert (tmp_path / "o" / "summary.csv").read_bytes() == before
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="matplotlib is optional; .ci/run installs it so this runs in CI")
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib is optional; .ci/run installs it so this runs in CI",
+)
 def test_sweep_figures_are_kept_per_sweep_and_say_what_they_show(tmp_path):
     import figures
+
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, "--jobs", 2, "--plot", methods=("b1", "b0"))
     ok(call("simulate_missing.py", *grid))
     (sweep_id,) = [p.stem.removeprefix("summary-") for p in (tmp_path / "o").glob("summary-*.json")]
@@ -343,12 +434,14 @@ def test_sweep_figures_are_kept_per_sweep_and_say_what_they_show(tmp_path):
         assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     plotted = figures.plot(summary, tmp_path)
-    assert list(plotted["fig4"]) == ["B0", "B1"]                                  # the paper's names
-    assert plotted["fig4"]["B1"] == next(r for r in summary["rows"] if r["method"] == "b1" and r["rate"] == 0)[
-        "per_seed"]["f1_macro"]                                                   # Fig. 4: the paper's F1
+    assert list(plotted["fig4"]) == ["B0", "B1"]  # the paper's names
+    assert (
+        plotted["fig4"]["B1"]
+        == next(r for r in summary["rows"] if r["method"] == "b1" and r["rate"] == 0)["per_seed"]["f1_macro"]
+    )  # Fig. 4: the paper's F1
     rates, means, _ = plotted["fig5"]["B1"]
     rows = [r for r in summary["rows"] if r["method"] == "b1"]
-    assert means == [r["auprc_macro_masked"] for r in rows]                       # Fig. 5: AUPRC
+    assert means == [r["auprc_macro_masked"] for r in rows]  # Fig. 5: AUPRC
     assert rates == [0, 0.5]
     ok(call("simulate_missing.py", *grid, "--metric", "f1_macro"))
     assert (tmp_path / "o" / f"fig5-{sweep_id}-f1_macro.png").is_file()
@@ -366,6 +459,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
 def test_gpu_check_arguments(tmp_path):
     def sh(*a):
         return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *a], capture_output=True, text=True)
+
     assert sh("--help").returncode == 0
     assert "minutes" in sh("--help").stdout
     assert sh("--bogus").returncode == 2
