@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-PAPER_NAMES = dict(b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT")
+PAPER_NAMES = dict(
+    b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT", large_loss="LL", selective="CSL"
+)
 
 
 def label(row, vary):

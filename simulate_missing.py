@@ -31,7 +31,7 @@ import numpy as np
 import common
 import figures
 
-METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher")
+METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
 # The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
@@ -49,6 +49,7 @@ TABLE_KEYS = (
     "masked_precision",
     "masked_recall",
     "teacher_epoch",
+    "prior_mean_abs_error",
 )
 
 
@@ -185,6 +186,8 @@ def metric_of(m, key):
         return m["test"][key]
     if key in m.get("enhancement", {}):
         return m["enhancement"][key]
+    if key in m.get("selection", {}):
+        return m["selection"][key]
     part = m.get("teacher", m.get("stage1"))
     return part["best_epoch"] if key == "teacher_epoch" and part else None
 
