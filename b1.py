@@ -20,10 +20,7 @@ import torch.nn.functional as F
 import common
 
 # Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
-TABLE_I = {
-    "openmic": dict(layers=3, hidden=128, dropout=0.6),
-    "sonyc": dict(layers=1, hidden=512, dropout=0.6),
-}
+TABLE_I = {"openmic": dict(layers=3, hidden=128, dropout=0.6), "sonyc": dict(layers=1, hidden=512, dropout=0.6)}
 
 
 def get_parser():
@@ -49,23 +46,18 @@ def get_parser():
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
-    folder = common.claim_run_dir(args, "b1")  # refuses a finished run made with other settings
+    device = common.get_device(args.device, args.threads)  # checked before the run folder is made
+    folder = common.claim_run_dir(args, "b1")  # refuses other settings' runs and runs in progress
+    board = common.Board(args, folder)  # --tensorboard
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
-        train.X.shape[2],
-        train.Y.shape[1],
-        args.layers,
-        args.hidden,
-        args.dropout,
-        input_offset=data.input_offset,
-        input_scale=data.input_scale,
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
@@ -108,6 +100,7 @@ def main():
             best_val_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
+        board.log(history[-1])
         print(
             f"epoch {epoch:3d}/{args.epochs} | train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
             f"{history[-1]['seconds']:.2f}s",

@@ -4,7 +4,9 @@ on their own; openmic.py, sonyc.py and fastpath.py (--fast) are imported only wh
 
 import argparse
 import collections
+import fcntl
 import importlib
+import inspect
 import json
 import math
 import os
@@ -37,20 +39,31 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def show(value, width=60):  # a user's value in a message, cut to `width` characters
-    return repr(value) if len(repr(value)) <= width else repr(value)[: width - 5] + " ...'"
+def show(value, width=60):
+    """A user's value in a message, cut to `width` characters."""
+    text = repr(value)
+    if len(text) <= width:
+        return text
+    return text[: width - 5] + " ...'"
 
 
-def main_guard(main):  # user errors become one line and exit status 2, Ctrl-C exit status 130
+def main_guard(main):
+    """Run `main`: a user error becomes one line and exit status 2, Ctrl-C exit status 130. A run folder this
+    process claimed and left without a finished run is removed, if nothing else is in it."""
     try:
         main()
     except UserError as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+        release_run_dir()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit(print("interrupted: no metrics.json was written for this run", file=sys.stderr) or 130)
+        release_run_dir()
+        print("interrupted: no metrics.json was written for this run", file=sys.stderr)
+        sys.exit(130)
 
 
-def optional_module(name, needed_for):  # openmic, sonyc or fastpath on first use; a missing file is named
+def optional_module(name, needed_for):
+    """openmic, sonyc or fastpath, imported on first use; a missing file is named in one line."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -63,7 +76,12 @@ def optional_module(name, needed_for):  # openmic, sonyc or fastpath on first us
 
 DATASETS = ("synthetic", "openmic", "sonyc")
 DROP_SEED = 1234  # --drop-rate's own seed: every method and training seed sees the same reduced labels
-NOT_IDENTITY = ("out", "device", "threads", "fast", "data_dir")  # cannot change a result: not in a run's name
+MAX_SEED = 2**32 - 1  # numpy's seeds end there
+# Options that cannot change a result: neither in a run's name nor compared when a finished run is found.
+NOT_IDENTITY = ("out", "device", "threads", "fast", "data_dir", "tensorboard")
+# The CPU threads of a run. One thread loses about a fifth on an idle 2-core machine and nothing beside a busy
+# process, where torch's default (every core) takes twice as long (docs/runs.md, benchmarks/threads.py).
+DEFAULT_THREADS = 1
 
 
 def dataset_arg(value):
@@ -78,17 +96,30 @@ def positive_int(value):
     return int(value)
 
 
+def seed_arg(value):
+    seed = int(value)
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to {MAX_SEED}, got {value}")
+    return seed
+
+
 def float_in(lo, hi, hi_open=False):
+    """An argparse type: a float in [lo, hi], or [lo, hi) with hi_open."""
+
     def number(value):
-        if not (lo <= float(value) < hi if hi_open else lo <= float(value) <= hi):
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
-        return float(value)
+        x = float(value)
+        inside = lo <= x < hi if hi_open else lo <= x <= hi
+        if not inside:
+            closing = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}{closing}, got {value}")
+        return x
 
     number.__name__ = "float"  # argparse's message: "invalid float value: 'abc'"
     return number
 
 
-def add_run_args(parser):  # the options every method script shares: data, seed, where to run and to write
+def add_run_args(parser):
+    """The options every method script shares: data, seed, where to run and where to write."""
     p = parser
     p.add_argument(
         "--dataset",
@@ -98,7 +129,9 @@ def add_run_args(parser):  # the options every method script shares: data, seed,
     )
     p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/ (default: data)")
     p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
-    p.add_argument("--seed", type=int, default=0, help="training seed; the data split never depends on it (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_arg, default=0, help="training seed; the data split never depends on it (default: 0)"
+    )
     p.add_argument(
         "--drop-rate",
         type=float_in(0, 1, hi_open=True),
@@ -107,7 +140,7 @@ def add_run_args(parser):  # the options every method script shares: data, seed,
     )
     p.add_argument(
         "--drop-seed",
-        type=int,
+        type=seed_arg,
         default=DROP_SEED,
         help=f"seed of which labels --drop-rate removes (default: {DROP_SEED})",
     )
@@ -115,9 +148,16 @@ def add_run_args(parser):  # the options every method script shares: data, seed,
     p.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads for torch (default: torch's own choice; 1 on a busy shared machine)",
+        default=DEFAULT_THREADS,
+        help=f"CPU threads for torch; more is rarely faster at this model's size and much slower on a busy "
+        f"machine (default: {DEFAULT_THREADS}; docs/runs.md)",
     )
     p.add_argument("--fast", action="store_true", help="capture the training step in a CUDA graph (CUDA only)")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log each epoch to TensorBoard in the run folder (needs: pip install tensorboard)",
+    )
     p.add_argument("--out", default="runs", help="folder for run outputs (default: runs)")
     return parser
 
@@ -126,8 +166,18 @@ class RunArgs(argparse.Namespace):
     __slots__ = ("defaults",)  # every option's default for this dataset: a slot, so not in vars(args)
 
 
+def dataset_file(path):
+    """An .h5 file as a setting: its resolved path, size and modification time (a changed file is a new setting)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        fail(f"no such file: {path}")
+    stat = path.stat()
+    return str(path), f"{stat.st_size} bytes, modified {stat.st_mtime_ns}"
+
+
 def parse_args(parser, table, argv=None):
-    """Parse; options left at None take the dataset's Table I row (OpenMIC's for .h5); an .h5 path becomes absolute."""
+    """Parse; options left at None take the dataset's Table I row (OpenMIC's for .h5 files). An .h5 path is
+    resolved, so that the same file reached from another folder is the same setting."""
     args = parser.parse_args(argv, namespace=RunArgs())
     row = table["sonyc" if args.dataset == "sonyc" else "openmic"]
     args.defaults = {a.dest: row.get(a.dest, a.default) for a in parser._actions}
@@ -135,7 +185,7 @@ def parse_args(parser, table, argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.dataset not in DATASETS:
-        args.dataset = str(Path(args.dataset).absolute())
+        args.dataset, args.dataset_file = dataset_file(args.dataset)
     return args
 
 
@@ -146,61 +196,81 @@ def seed_everything(seed):
     torch.backends.cudnn.deterministic = True  # (and cudnn.benchmark stays False, its default)
 
 
-def get_device(name=None, threads=None, use=True):
-    """The device, checked before any data is read (cuda if none is named), made current: --fast's graph lives there."""
-    if threads:
-        torch.set_num_threads(threads)
-        if threads > (os.cpu_count() or 1):
-            warn(f"--threads {threads} is more than this machine's {os.cpu_count()} cores: slower, not faster")
+def get_device(name=None, threads=DEFAULT_THREADS):
+    """The device (cuda if none is named and one is there, else cpu), started and made current before any data
+    is read: --fast's graph lives there. Any failure of the device to start is one line."""
+    torch.set_num_threads(threads)
+    if threads > (os.cpu_count() or 1):
+        warn(f"--threads {threads} is more than this machine's {os.cpu_count()} cores: slower, not faster")
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-        count = dict(cpu=1, cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()))
-        if (device.index or 0) >= count.get(device.type, 0):
-            raise RuntimeError(
-                f"this machine has {count.get(device.type, 0)} {device.type} device(s) for torch {torch.__version__}"
-            )
+        device = torch.device(name)
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
-    if device.type == "cuda" and use:
-        torch.cuda.set_device(device)
+    counts = dict(cpu=1, cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()))
+    count = counts.get(device.type, 0)
+    if (device.index or 0) >= count:
+        fail(f"--device {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
+    if device.type == "cuda":
+        try:  # a GPU that the driver counts may still fail to start (busy, wrong driver, out of memory)
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)
+        except Exception as e:
+            first_line = (str(e) or type(e).__name__).strip().splitlines()[0]
+            fail(f"--device {name}: CUDA could not start: {show(first_line, 150)}")
     return device
+
+
+def option_value(value):
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def run_name(args, method):
     """{dataset}__{method}__seed{seed}, then each option that differs from its default and can change the
     result (__drop0.4, __lr0.005, __gamma50, __teacher-observed, __epochs20, ...): settings never share a folder."""
-    name = (
-        Path(args.dataset).stem
-        if args.dataset not in DATASETS
-        else "sonyc_coarse"
-        if args.dataset == "sonyc" and args.level == "coarse"
-        else args.dataset
-    ) + f"__{method}__seed{args.seed}"
+    if args.dataset not in DATASETS:
+        dataset = Path(args.dataset).stem
+    elif args.dataset == "sonyc" and args.level == "coarse":
+        dataset = "sonyc_coarse"
+    else:
+        dataset = args.dataset
+    name = f"{dataset}__{method}__seed{args.seed}"
     short = dict(drop_rate="drop", drop_seed="dropseed", teacher_selection="teacher-")
-    for key in ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]:
+    in_name_already = NOT_IDENTITY + ("dataset", "dataset_file", "level", "seed")
+    keys = ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]
+    for key in keys:
         value = getattr(args, key)
-        if (
-            key in NOT_IDENTITY + ("dataset", "level", "seed")
-            or value == args.defaults.get(key)
-            or (key == "drop_seed" and args.drop_rate == 0)
-        ):
+        if key in in_name_already or value == args.defaults.get(key):
             continue
-        name += f"__{short.get(key, key.replace('_', '-'))}{f'{value:g}' if isinstance(value, (int, float)) else value}"
+        if key == "drop_seed" and args.drop_rate == 0:  # no label is dropped: its seed changes nothing
+            continue
+        label = short.get(key, key.replace("_", "-"))
+        if isinstance(value, bool):  # a flag: its name alone
+            name += f"__{label}"
+        else:
+            name += f"__{label}{option_value(value)}"
     return name
 
 
-def config_diff(recorded, requested):
-    """What differs between two runs' arguments, ignoring NOT_IDENTITY; '' when they match."""
-    a, b = (json.loads(json.dumps(jsonable(dict(c)))) for c in (recorded, requested))
-    keys = sorted((set(a) | set(b)) - set(NOT_IDENTITY))
-    return ", ".join(
-        f"--{k.replace('_', '-')} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
-        for k in keys
-        if a.get(k, "(unset)") != b.get(k, "(unset)")
-    )
+def config_diff(recorded, requested, defaults):
+    """What differs between a finished run's arguments and a requested run's, ignoring NOT_IDENTITY; '' when
+    they match. An option one of them lacks (a run made before the option existed) counts at its default;
+    dataset_file is compared only when both record it."""
+    a = json.loads(json.dumps(jsonable(dict(recorded))))
+    b = json.loads(json.dumps(jsonable(dict(requested))))
+    defaults = json.loads(json.dumps(jsonable(dict(defaults))))
+    differences = []
+    for key in sorted((set(a) | set(b)) - set(NOT_IDENTITY)):
+        if key == "dataset_file" and not (key in a and key in b):
+            continue
+        old, new = a.get(key, defaults.get(key, "(unset)")), b.get(key, defaults.get(key, "(unset)"))
+        if old != new:
+            differences.append(f"--{key.replace('_', '-')} {old} -> {new}")
+    return ", ".join(differences)
 
 
-def check_writable(out, what="--out"):
+def check_writable(out):
     """Fail before any training unless a file can be made in `out`'s nearest existing folder."""
     p = Path(out).absolute()
     while not p.exists():
@@ -208,30 +278,115 @@ def check_writable(out, what="--out"):
     try:
         tempfile.TemporaryFile(dir=p).close()
     except OSError as e:
-        fail(f"{what} {out}: cannot write there ({e})")
+        fail(f"--out {out}: cannot write there ({e})")
+
+
+def finished_run_diff(folder, args):
+    """'' when `folder` holds a finished run made with `args`' settings, else what differs."""
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text()).get("args", {})
+        return config_diff(recorded, vars(args), args.defaults)
+    except (OSError, ValueError, AttributeError) as e:
+        return f"unreadable: {e}"
+
+
+LOCK_NAME = "running.lock"
+_claimed = {}  # the run folder this process is making: its lock file, held open, and the folders it created
+
+
+def run_in_progress(folder):
+    """Who is making the run in `folder` now ('host pid N'), or None: its lock file is locked by a live process."""
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return None
+    return None
 
 
 def claim_run_dir(args, method):
-    """The run's folder, checked before training: writable; a finished run is replaced only with its settings."""
+    """The run's folder, checked and locked before training: writable; a finished run is replaced only with its
+    settings; a run that another process is making now is never started twice (running.lock, held until the
+    run is written or this process ends)."""
     folder = Path(args.out) / run_name(args, method)
     check_writable(args.out)
-    if (folder / "metrics.json").is_file():
-        try:
-            diff = config_diff(json.loads((folder / "metrics.json").read_text()).get("args", {}), vars(args))
-        except (OSError, ValueError, AttributeError) as e:
-            diff = f"unreadable: {e}"
+    replaces = (folder / "metrics.json").is_file()
+    if replaces:
+        diff = finished_run_diff(folder, args)
         if diff:
             fail(
                 f"{folder} holds a finished run made with other settings ({diff}); "
                 f"use another --out, or delete that folder to replace it"
             )
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / LOCK_NAME, "a+")
+    except OSError as e:
+        fail(f"--out {args.out}: cannot make the run folder {folder} ({e})")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        fail(f"{folder}: another process is making this run now ({run_in_progress(folder)}); wait for it to end")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{platform.node()} pid {os.getpid()}\n")
+    lock.flush()
+    _claimed.update(folder=folder, lock=lock, created=created)
+    if replaces:
         print(f"note: {folder} holds a finished run with these settings; this run replaces it when it ends", flush=True)
     return folder
 
 
+def release_run_dir():
+    """Unlock the claimed run folder; remove it, and the folders made for it, where nothing else is in them."""
+    if not _claimed:
+        return
+    folder, lock, created = _claimed["folder"], _claimed["lock"], _claimed["created"]
+    _claimed.clear()
+    lock.close()
+    (folder / LOCK_NAME).unlink(missing_ok=True)
+    for p in created:  # the run folder first, then the parents this run made
+        try:
+            p.rmdir()
+        except OSError:  # not empty (a finished run, logs, other runs): kept
+            break
+
+
 def fast_step(step, example_batch, device, enabled, state=()):
     """`step` itself, or with --fast a replay of it captured in a CUDA graph (fastpath.py)."""
-    return optional_module("fastpath", "--fast").capture(step, example_batch, device, state) if enabled else step
+    if not enabled:
+        return step
+    return optional_module("fastpath", "--fast").capture(step, example_batch, device, state)
+
+
+class Board:
+    """--tensorboard: each epoch's numbers (losses, learning rate, seconds) as TensorBoard scalars in the run
+    folder; without the flag, nothing. TensorBoard is optional: missing, it is named in one line."""
+
+    def __init__(self, args, folder):
+        self.writer = None
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                fail("--tensorboard needs the tensorboard package, which is optional: pip install tensorboard")
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, entry, stage=""):
+        if self.writer is None:
+            return
+        for key, value in entry.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{stage}/{key}" if stage else key, value, entry["epoch"])
+        self.writer.flush()
 
 
 #####  Data  #######################################################################################
@@ -274,22 +429,11 @@ def load_dataset(args, device):
     if args.drop_rate > 0:
         arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
 
-    for a in arrays.values() if args.dataset in DATASETS else ():  # load_h5 compacts its blocks itself
-        a["X"] = compact(a["X"], info.get("source", args.dataset))  # uint8, float16 stay so; others float32
+    if args.dataset in DATASETS:  # load_h5 compacts its blocks itself
+        for a in arrays.values():
+            a["X"] = compact(a["X"], info.get("source", args.dataset))  # uint8, float16 stay so; others float32
 
-    def to_split(a):
-        t = lambda v, dt: torch.as_tensor(np.ascontiguousarray(v), dtype=dt).to(device)  # noqa: E731
-        obs = t(a["observed"], torch.bool)
-        return Split(
-            X=torch.from_numpy(np.ascontiguousarray(a["X"])).to(device),
-            Y=t(a["Y"], torch.float32) * obs,
-            observed=obs,
-            keys=a.get("keys"),
-            extra=a.get("extra", {}),
-            Y_full=t(a["Y_full"], torch.float32) if a.get("Y_full") is not None else None,
-        )
-
-    splits = {s: to_split(arrays[s]) for s in ("train", "val", "test")}
+    splits = {s: to_split(arrays[s], device) for s in ("train", "val", "test")}
     scored = np.ones(len(names), bool)
     for s, sp in splits.items():
         empty = ~sp.observed.any(0).cpu().numpy()
@@ -307,6 +451,26 @@ def load_dataset(args, device):
         flush=True,
     )
     return Data(tr, va, te, list(names), scored, info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
+
+
+def on_device(values, dtype, device):
+    return torch.as_tensor(np.ascontiguousarray(values), dtype=dtype).to(device)
+
+
+def to_split(arrays, device):
+    """One split's numpy arrays as a Split of tensors on `device`; X keeps its stored width."""
+    observed = on_device(arrays["observed"], torch.bool, device)
+    Y_full = None
+    if arrays.get("Y_full") is not None:
+        Y_full = on_device(arrays["Y_full"], torch.float32, device)
+    return Split(
+        X=torch.from_numpy(np.ascontiguousarray(arrays["X"])).to(device),
+        Y=on_device(arrays["Y"], torch.float32, device) * observed,
+        observed=observed,
+        keys=arrays.get("keys"),
+        extra=arrays.get("extra", {}),
+        Y_full=Y_full,
+    )
 
 
 def make_synthetic(
@@ -345,27 +509,47 @@ def drop_labels(observed, rate, seed=DROP_SEED):
 
 
 MAX_INPUT = 1e15  # the model's batch statistics square its inputs in float32, which ends at 3.4e38
+H5_BLOCK_BYTES = 64 << 20  # X of an .h5 file is read in blocks of about this size
+H5_PROBE_SECONDS = 10  # the child that reads an .h5 file first may take this, plus 20 MB/s
 
 
-def compact(X, path, where=""):
-    """X checked (rank, dtype, sizes, finite and not huge), in the width it keeps: uint8, float16 or float32."""
-    if X.ndim != 3 or 0 in X.shape[1:]:
-        fail(
-            f"{path}: X should be (N, T, D) with T, D >= 1, found {X.shape}"
-            + ("; for one vector per clip, store X[:, None, :]" if X.ndim == 2 else "")
-        )
-    if X.dtype.kind not in "biuf":
-        fail(f"{path}: X has dtype {X.dtype}; expected integers or floats")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = X if X.dtype in (np.uint8, np.float16) else X.astype(np.float32, copy=False)
-        bad = 0  # rows with NaN, inf or |x| > MAX_INPUT, 4,096 rows at a time: no full-size temporary
-        for i in range(0, len(out), 4096) if out.dtype.kind == "f" else ():
-            block = np.abs(out[i : i + 4096].reshape(len(out[i : i + 4096]), -1))
-            bad += int((~(block <= MAX_INPUT)).any(1).sum())
+def check_x_layout(shape, dtype, path):
+    """X's rank, sizes and dtype, before any of it is read."""
+    if len(shape) != 3 or 0 in shape[1:]:
+        hint = "; for one vector per clip, store X[:, None, :]" if len(shape) == 2 else ""
+        fail(f"{path}: X should be (N, T, D) with T, D >= 1, found {tuple(shape)}{hint}")
+    if dtype.kind not in "biuf":
+        fail(f"{path}: X has dtype {dtype}; expected integers or floats")
+
+
+def bad_rows(X):
+    """Indices of the rows of float X with NaN, inf or |x| > MAX_INPUT, 4,096 rows at a time (no full-size
+    temporary), compared in float64 whatever X's width: a float16 inf is caught too."""
+    bad = []
+    for start in range(0, len(X), 4096):
+        block = np.asarray(X[start : start + 4096], dtype=np.float64).reshape(min(4096, len(X) - start), -1)
+        with np.errstate(invalid="ignore"):
+            ok = (np.abs(block) <= MAX_INPUT).all(axis=1)  # False for NaN and inf
+        bad.extend(start + np.flatnonzero(~ok))
+    return bad
+
+
+def compact(X, path, first_row=0, total_rows=None):
+    """X checked (rank, dtype, sizes, finite and not huge), in the width it keeps: uint8, float16 or float32.
+    A refusal names the file, the dataset and the first bad row (numbered from first_row, of total_rows)."""
+    check_x_layout(X.shape, X.dtype, path)
+    if X.dtype in (np.uint8, np.float16):
+        out = X
+    else:
+        out = X.astype(np.float32, copy=False)
+    if out.dtype.kind != "f":
+        return out
+    bad = bad_rows(X)
     if bad:
+        total = len(X) if total_rows is None else total_rows
         fail(
-            f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in {bad} of {len(X)} rows{where} (as "
-            f"{out.dtype}); rescale X: the model's float32 batch statistics square its values"
+            f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in row {first_row + bad[0]} "
+            f"({len(bad)} bad row(s) here, of {total}; stored as {X.dtype}); rescale X or drop those clips"
         )
     return out
 
@@ -373,19 +557,22 @@ def compact(X, path, where=""):
 def strings(values, path, name, unique=False):
     """A 1-D array of HDF5 strings (bytes or str, as written) as a list of str; anything else is refused."""
     if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "SUO":
-        fail(f"{path}: {name} should be a 1-D array of strings, found {show(values)}")
-    try:
-        out = [
-            v.decode()
-            if isinstance(v, bytes)
-            else v
-            if isinstance(v, str)
-            else fail(f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string")
-            for v in values.tolist()
-        ]
-        "".join(out).encode()  # h5py may hand back undecodable bytes as surrogates
-    except UnicodeError as e:
-        fail(f"{path}: {name} holds a string that is not UTF-8 ({show(e.object[:40])})")
+        found = f"shape {values.shape} of {values.dtype}" if isinstance(values, np.ndarray) else show(values)
+        fail(f"{path}: {name} should be a 1-D array of strings, found {found}")
+    out = []
+    for v in values.tolist():
+        if isinstance(v, bytes):
+            try:
+                v = v.decode()
+            except UnicodeError:
+                fail(f"{path}: {name} holds a string that is not UTF-8 ({show(v[:40])})")
+        if not isinstance(v, str):
+            fail(f"{path}: {name} holds {type(v).__name__} {show(v)}, not a string")
+        try:
+            v.encode()  # h5py may hand back undecodable bytes as surrogates
+        except UnicodeError:
+            fail(f"{path}: {name} holds a string that is not UTF-8 ({show(v[:40])})")
+        out.append(v)
     if unique and (len(set(out)) < len(out) or "" in out):
         dup = [k for k, count in collections.Counter(out).items() if count > 1][:3] or [""]
         fail(f"{path}: {name} must be unique and non-empty; found {show(dup)} more than once or empty")
@@ -395,40 +582,54 @@ def strings(values, path, name, unique=False):
 def labels01(values, path, name, shape):
     """A numeric or boolean (N, C) array whose values are all 0 or 1, as bool."""
     if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf" or values.shape != shape:
-        fail(
-            f"{path}: {name} should be {shape} numbers or booleans, found "
-            f"{getattr(values, 'shape', None)} of {getattr(values, 'dtype', type(values).__name__)}"
-        )
+        found_shape = getattr(values, "shape", None)
+        found_type = getattr(values, "dtype", type(values).__name__)
+        fail(f"{path}: {name} should be {shape} numbers or booleans, found {found_shape} of {found_type}")
     if values.dtype.kind != "b" and not np.isin(values, (0, 1)).all():
-        fail(f"{path}: {name} should hold only 0 and 1 (or booleans); found {show(np.setdiff1d(values, (0, 1))[:3])}")
+        others = np.setdiff1d(values, (0, 1))[:3].tolist()
+        fail(f"{path}: {name} should hold only 0 and 1 (or booleans); found {show(others)}")
     return values.astype(bool)
 
 
-H5_PROBE = (
-    "import os, sys, h5py\nf = h5py.File(sys.argv[1], 'r')\n"  # every attribute, and every dataset that
-    "memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')\n"  # fits in memory, block by block
-    "def visit(name, obj):\n [obj.attrs[k] for k in obj.attrs]\n"
-    " if isinstance(obj, h5py.Dataset) and (obj.nbytes or 0) <= memory:\n"
-    "  for i in range(0, len(obj), 65536) if obj.shape else [0]: obj[i:i + 65536] if obj.shape else obj[()]\n"
-    "visit('/', f)\nf.visititems(visit)"
-)
+def _read_every_byte(path):
+    """Run in a child process by probe_h5, from this source: open the file, read every attribute and, block
+    by block without keeping them, every dataset that fits in memory."""
+    import os
+
+    import h5py
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def visit(name, obj):
+        for key in obj.attrs:
+            obj.attrs[key]
+        if not isinstance(obj, h5py.Dataset) or (obj.nbytes or 0) > memory:
+            return
+        if not obj.shape:
+            obj[()]
+            return
+        for i in range(0, len(obj), 65536):
+            obj[i : i + 65536]
+
+    with h5py.File(path, "r") as f:
+        visit("/", f)
+        f.visititems(visit)
 
 
-def probe_h5(path, seconds=10):
+def probe_h5(path):
     """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
+    program = inspect.getsource(_read_every_byte) + "\nimport sys\n_read_every_byte(sys.argv[1])\n"
+    limit = H5_PROBE_SECONDS + path.stat().st_size / 20e6
     try:
-        limit = seconds + path.stat().st_size / 20e6  # and 20 MB/s at the least
-        crash = (
-            subprocess.run([sys.executable, "-c", H5_PROBE, str(path)], capture_output=True, timeout=limit).returncode
-            < 0
-        )
+        child = subprocess.run([sys.executable, "-c", program, str(path)], capture_output=True, timeout=limit)
+        crashed = child.returncode < 0  # killed by a signal; an exception is left to the reader's own message
     except subprocess.TimeoutExpired:
-        crash = True
-    if crash:
+        crashed = True
+    if crashed:
         fail(f"cannot read {path}: the HDF5 library hung or crashed reading it (in a child process): a damaged file?")
 
 
-def load_h5(path, block_bytes=64 << 20):
+def load_h5(path):
     """Your own .h5 (docs/data.md), every part checked before use; X is read in blocks straight into each split
     in its compact width, with no float32 copy. A file it cannot read or that breaks the layout: one line."""
     import h5py
@@ -438,70 +639,85 @@ def load_h5(path, block_bytes=64 << 20):
     probe_h5(path)
     try:
         with h5py.File(path, "r") as f:
-            return _read_h5(f, path, block_bytes, h5py)
+            return read_h5_layout(f, path, h5py)
     except UserError:
         raise
     except Exception as e:  # damaged HDF5 structure, dangling or external links, unreadable types
-        fail(f"cannot read {path}: {type(e).__name__}: {show(str(e).splitlines()[0] if str(e) else '', 150)}")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        fail(f"cannot read {path}: {type(e).__name__}: {show(first_line, 150)}")
 
 
-def _read_h5(f, path, block_bytes, h5py):
-    missing = [k for k in ("X", "Y", "observed", "split") if k not in f] + (
-        [] if "class_names" in f.attrs else ["attribute class_names"]
-    )
+def read_h5_layout(f, path, h5py):
+    """The arrays of an open .h5 file in docs/data.md's layout, split into train / val / test."""
+    missing = [k for k in ("X", "Y", "observed", "split") if k not in f]
+    if "class_names" not in f.attrs:
+        missing.append("attribute class_names")
     if missing:
         fail(f"{path}: missing dataset(s) {missing}; expected X, Y, observed, split and attribute class_names")
     d = {k: f[k] for k in ("X", "Y", "observed", "split", "keys", "Y_full") if k in f}
-    for k in [k for k, v in d.items() if not isinstance(v, h5py.Dataset)]:
-        fail(f"{path}: {k} should be a dataset, found a {type(d[k]).__name__}")
+    for k, v in d.items():
+        if not isinstance(v, h5py.Dataset):
+            fail(f"{path}: {k} should be a dataset, found a {type(v).__name__}")
     need = sum((v.size or 0) * v.dtype.itemsize for v in d.values())  # before anything is read
     if hasattr(os, "sysconf") and need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         fail(f"{path}: its arrays need {need / 2**30:.0f} GiB, more than this machine's memory")
+
     split = np.array(strings(d["split"][()], path, "split"))
-    n, names = len(split), strings(np.asarray(f.attrs["class_names"]), path, "attribute class_names", unique=True)
+    n = len(split)
+    names = strings(np.asarray(f.attrs["class_names"]), path, "attribute class_names", unique=True)
+    if not names:
+        fail(f"{path}: class_names is empty: no class to learn")
     unknown = sorted(set(split.tolist()) - {"train", "val", "test"})
     if unknown:
         fail(f"{path}: unknown split name(s) {show(unknown[:3])}; expected train, val, test")
     rows = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-    for s in [s for s, r in rows.items() if len(r) == 0]:
-        fail(f"{path}: no rows with split '{s}'")
-    shape = (n, len(names)) if names else fail(f"{path}: class_names is empty: no class to learn")
+    for s, r in rows.items():
+        if len(r) == 0:
+            fail(f"{path}: no rows with split '{s}'")
+    for k in ("Y", "observed", "Y_full"):  # the labels' columns are the classes: say so before their values
+        if k in d and d[k].ndim == 2 and d[k].shape[1] != len(names):
+            fail(f"{path}: {k} has {d[k].shape[1]} columns but class_names names {len(names)} classes")
+
+    shape = (n, len(names))
     obs = labels01(d["observed"][()], path, "observed", shape)
     Y = d["Y"][()]
     if not isinstance(Y, np.ndarray) or Y.dtype.kind not in "biuf" or Y.shape != shape:
         fail(f"{path}: Y should be {shape} numbers, found {getattr(Y, 'shape', None)} {getattr(Y, 'dtype', '')}")
     labels01(Y[obs], path, "Y where observed", (int(obs.sum()),))  # unobserved entries are ignored
-    Y_full = labels01(d["Y_full"][()], path, "Y_full", shape) if "Y_full" in d else None
-    if Y_full is not None and (Y_full[obs] != (Y[obs] == 1)).any():
-        fail(f"{path}: Y_full differs from Y where the label is observed")
-    keys = strings(d["keys"][()], path, "keys", unique=True) if "keys" in d else None
-    if keys is not None and len(keys) != n:
-        fail(f"{path}: keys has {len(keys)} entries for {n} rows")
+    Y_full = None
+    if "Y_full" in d:
+        Y_full = labels01(d["Y_full"][()], path, "Y_full", shape)
+        if (Y_full[obs] != (Y[obs] == 1)).any():
+            fail(f"{path}: Y_full differs from Y where the label is observed")
+    keys = None
+    if "keys" in d:
+        keys = strings(d["keys"][()], path, "keys", unique=True)
+        if len(keys) != n:
+            fail(f"{path}: keys has {len(keys)} entries for {n} rows")
+
     dset = d["X"]
-    if dset.ndim < 1 or dset.shape[0] != n:
-        fail(f"{path}: X should be (N, T, D) with N = {n} split entries, found {dset.shape}")
-    first = compact(dset[:1], path)  # checks rank and dtype before anything large is read
-    X = {s: np.empty((len(r),) + dset.shape[1:], first.dtype) for s, r in rows.items()}
-    step = max(1, block_bytes // max(1, first.nbytes))
+    check_x_layout(dset.shape, dset.dtype, path)  # before anything large is read
+    if dset.shape[0] != n:
+        fail(f"{path}: X has {dset.shape[0]} rows but split has {n} entries")
+    width = np.dtype(np.float32) if dset.dtype not in (np.uint8, np.float16) else dset.dtype
+    X = {s: np.empty((len(r),) + dset.shape[1:], width) for s, r in rows.items()}
+    step = max(1, H5_BLOCK_BYTES // max(1, width.itemsize * dset.shape[1] * dset.shape[2]))
     for a in range(0, n, step):
-        block = compact(dset[a : a + step], path, f" {a}..{min(a + step, n) - 1}")
+        block = compact(dset[a : a + step], path, first_row=a, total_rows=n)
         for s, r in rows.items():
             lo, hi = np.searchsorted(r, [a, a + step])
             X[s][lo:hi] = block[r[lo:hi] - a]
-    return (
-        {
-            s: dict(
-                X=X[s],
-                Y=(Y[r] == 1) & obs[r],
-                observed=obs[r],
-                keys=[keys[i] for i in r] if keys else None,
-                Y_full=None if Y_full is None else Y_full[r],
-            )
-            for s, r in rows.items()
-        },
-        names,
-        {},
-    )
+
+    arrays = {}
+    for s, r in rows.items():
+        arrays[s] = dict(
+            X=X[s],
+            Y=(Y[r] == 1) & obs[r],
+            observed=obs[r],
+            keys=[keys[i] for i in r] if keys else None,
+            Y_full=None if Y_full is None else Y_full[r],
+        )
+    return arrays, names, {}
 
 
 #####  Model  ######################################################################################
@@ -689,8 +905,12 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def file_mode():
+    """0666 less the process's umask, the mode open() would give a new file (the umask has no getter: it is
+    read by setting it, and set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomic(path, write):
@@ -699,7 +919,7 @@ def write_atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -762,4 +982,26 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
         write_atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(jsonable(record), indent=1)))
     except OSError as e:
         fail(f"cannot write the run to {folder}: {e}")
-    print(f"wrote {folder}/metrics.json", flush=True)
+    release_run_dir()
+    print_closing_lines(folder, record, primary, bool(data.info.get("write_predictions")))
+
+
+ABOUT_HEADLINE = (
+    "f1_macro: the paper's F1 at 0.5 on the observed test labels; auprc_/ap_macro_masked: threshold-free, the same "
+    "labels; *_full_truth: against every label (synthetic data); scored_present_share: entries scored >= 0.5 "
+    "(docs/metrics.md)"
+)
+
+
+def print_closing_lines(folder, record, primary, submission):
+    """What a run leaves: which network is the result, where its files are, what the headline metrics mean,
+    and a warning when the selected epoch is the last (the run may want more epochs)."""
+    epochs, best = record["args"]["epochs"], record["best_epoch"]
+    print(f"result: network '{primary}' of epoch {best} of {epochs}, selected by its validation loss", flush=True)
+    files = "metrics.json (arguments, history, test metrics), model.pt (the networks), test_predictions.npz"
+    if submission:
+        files += ", test_predictions.csv (DCASE submission)"
+    print(f"wrote {folder}/: {files}", flush=True)
+    print(f"metrics: {ABOUT_HEADLINE}", flush=True)
+    if best == epochs and epochs > 1:
+        warn(f"the selected epoch is the last ({best}): the validation loss was still falling; try more --epochs")

@@ -33,10 +33,7 @@ import torch.nn.functional as F
 import common
 
 # Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
-TABLE_I = {
-    "openmic": dict(layers=3, hidden=128, dropout=0.6),
-    "sonyc": dict(layers=1, hidden=512, dropout=0.6),
-}
+TABLE_I = {"openmic": dict(layers=3, hidden=128, dropout=0.6), "sonyc": dict(layers=1, hidden=512, dropout=0.6)}
 PAPER_EPOCHS = 10  # the training length delta_rel was set for (Kim et al., Sec. 4.1: 10 epochs)
 
 
@@ -92,23 +89,18 @@ def get_parser():
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
-    folder = common.claim_run_dir(args, "large_loss")  # refuses a finished run made with other settings
+    device = common.get_device(args.device, args.threads)  # checked before the run folder is made
+    folder = common.claim_run_dir(args, "large_loss")  # refuses other settings' runs and runs in progress
+    board = common.Board(args, folder)  # --tensorboard
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
-        train.X.shape[2],
-        train.Y.shape[1],
-        args.layers,
-        args.hidden,
-        args.dropout,
-        input_offset=data.input_offset,
-        input_scale=data.input_scale,
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
@@ -137,13 +129,8 @@ def main():
     # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(
-        train_step,
-        (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-        device,
-        args.fast,
-        state=[model, optimizer, rejected],
-    )
+    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer, rejected])
     history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
@@ -167,17 +154,9 @@ def main():
             best_val_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         share = rejected.item() / max(1, n_batches * batch * train.Y.shape[1])
-        history.append(
-            dict(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                lr=lr,
-                rejection_rate=rejection_rate(epoch, args.epochs, args.delta_rel),
-                rejected_share=share,
-                seconds=time.time() - t0,
-            )
-        )
+        entry = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, rejection_rate=rate.item())
+        history.append(dict(entry, rejected_share=share, seconds=time.time() - t0))
+        board.log(history[-1])
         print(
             f"epoch {epoch:3d}/{args.epochs} | train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
             f"{'corrected' if args.correction else 'rejected'} {share:.2%} | {history[-1]['seconds']:.2f}s",
@@ -190,17 +169,8 @@ def main():
     test = common.evaluate(scores, data.test, data)
     scheme = "LL-Ct" if args.correction else "LL-R"
     print(f"best epoch {best_epoch} | test {common.headline(test)}", flush=True)
-    record = common.run_record(
-        args,
-        device,
-        started,
-        method="large_loss",
-        scheme=scheme,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_loss=best_val_loss,
-        test=test,
-    )
+    record = common.run_record(args, device, started, method="large_loss", scheme=scheme, history=history, test=test)
+    record.update(best_epoch=best_epoch, best_val_loss=best_val_loss)
     common.save_run(folder, record, {"model": best_state}, "model", model, scores, data)
 
 

@@ -41,6 +41,16 @@ def ema_tensors(model):
     return [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
 
 
+def make_teacher(model):
+    """A copy of the student that never gets gradients. It runs in train mode, for its own dropout noise; BN
+    momentum 0 keeps its forward passes from touching its running statistics, which come from the EMA alone."""
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = 0.0
+    return teacher
+
+
 @torch.no_grad()
 def ema_update(teacher, student, step, ema_decay):
     """One EMA step; `step` is a device tensor counting updates. Everything stays on the device: no
@@ -81,34 +91,24 @@ def get_parser():
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
-    folder = common.claim_run_dir(args, "mean_teacher")  # refuses a finished run made with other settings
+    device = common.get_device(args.device, args.threads)  # checked before the run folder is made
+    folder = common.claim_run_dir(args, "mean_teacher")  # refuses other settings' runs and runs in progress
+    board = common.Board(args, folder)  # --tensorboard
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
-        train.X.shape[2],
-        train.Y.shape[1],
-        args.layers,
-        args.hidden,
-        args.dropout,
-        input_offset=data.input_offset,
-        input_scale=data.input_scale,
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
 
-    # ALGO LOGIC: the teacher starts as a copy of the student and never gets gradients. It runs in train
-    # mode, for its own dropout noise; BN momentum 0 keeps its forward passes from touching its running
-    # statistics, which come from the EMA alone.
-    teacher = copy.deepcopy(model).requires_grad_(False)
-    for m in teacher.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.momentum = 0.0
+    # ALGO LOGIC: the teacher starts as a copy of the student
+    teacher = make_teacher(model)
     teacher_tensors, student_tensors = ema_tensors(teacher), ema_tensors(model)
     ema_step = torch.zeros((), device=device)
 
@@ -131,13 +131,8 @@ def main():
     # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(
-        train_step,
-        (train.X[:batch], train.Y[:batch], train_mask[:batch]),
-        device,
-        args.fast,
-        state=[model, teacher, optimizer, ema_step],
-    )
+    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, teacher, optimizer, ema_step])
     history = []
     best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
     best_student = dict(val_loss=float("inf"), epoch=0, state=None)  # validation loss
@@ -160,13 +155,11 @@ def main():
             val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
             entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
             if entry[f"val_loss_{name}"] < best["val_loss"]:
-                best.update(
-                    val_loss=entry[f"val_loss_{name}"],
-                    epoch=epoch,
-                    state={k: v.detach().clone() for k, v in net.state_dict().items()},
-                )
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best.update(val_loss=entry[f"val_loss_{name}"], epoch=epoch, state=state)
         entry.update(val_loss=entry["val_loss_teacher"], seconds=time.time() - t0)
         history.append(entry)
+        board.log(history[-1])
         print(
             f"epoch {epoch:3d}/{args.epochs} | train_loss {entry['train_loss']:.4f} val_loss_teacher "
             f"{entry['val_loss_teacher']:.4f} val_loss_student {entry['val_loss_student']:.4f} | "
@@ -182,27 +175,11 @@ def main():
     test_student = common.evaluate(common.predict(model, data.test.X), data.test, data)
     print(f"best epoch {best_teacher['epoch']} | test (teacher) {common.headline(test)}", flush=True)
     print(f"best epoch {best_student['epoch']} | test (student) {common.headline(test_student)}", flush=True)
-    record = common.run_record(
-        args,
-        device,
-        started,
-        method="mean_teacher",
-        history=history,
-        best_epoch=best_teacher["epoch"],
-        best_val_loss=best_teacher["val_loss"],
-        best_epoch_student=best_student["epoch"],
-        test=test,
-        test_student=test_student,
-    )
-    common.save_run(
-        folder,
-        record,
-        {"teacher": best_teacher["state"], "student": best_student["state"]},
-        "teacher",
-        model,
-        scores,
-        data,
-    )
+    record = common.run_record(args, device, started, method="mean_teacher", history=history, test=test)
+    record.update(best_epoch=best_teacher["epoch"], best_val_loss=best_teacher["val_loss"])
+    record.update(best_epoch_student=best_student["epoch"], test_student=test_student)
+    networks = {"teacher": best_teacher["state"], "student": best_student["state"]}
+    common.save_run(folder, record, networks, "teacher", model, scores, data)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,7 @@ import torch.nn.functional as F
 import common
 
 # Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
-TABLE_I = {
-    "openmic": dict(layers=3, hidden=128, dropout=0.6),
-    "sonyc": dict(layers=1, hidden=512, dropout=0.6),
-}
+TABLE_I = {"openmic": dict(layers=3, hidden=128, dropout=0.6), "sonyc": dict(layers=1, hidden=512, dropout=0.6)}
 
 
 # ALGO LOGIC: the selective weights (Sec. 3.3) and the partial asymmetric loss (Sec. 3.2)
@@ -65,20 +62,14 @@ def partial_asymmetric_loss(p, y, observed, weights, gamma_pos, gamma_neg, gamma
     return loss * weights
 
 
-def fit(args, data, device, stage, loss_fn):
+def fit(args, data, device, stage, loss_fn, board):
     """A fresh model trained with `loss_fn(p, y, observed)` on every batch, at its best validation BCE over
     the observed labels; returns (model, state_dict, summary)."""
     train, val = data.train, data.val
     train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
-        train.X.shape[2],
-        train.Y.shape[1],
-        args.layers,
-        args.hidden,
-        args.dropout,
-        input_offset=data.input_offset,
-        input_scale=data.input_scale,
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
@@ -119,6 +110,7 @@ def fit(args, data, device, stage, loss_fn):
             best_val_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
+        board.log(history[-1], stage)
         print(
             f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
             f"{history[-1]['seconds']:.2f}s",
@@ -175,10 +167,11 @@ def get_parser():
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
-    folder = common.claim_run_dir(args, "selective")  # refuses a finished run made with other settings
+    device = common.get_device(args.device, args.threads)  # checked before the run folder is made
+    folder = common.claim_run_dir(args, "selective")  # refuses other settings' runs and runs in progress
+    board = common.Board(args, folder)  # --tensorboard
     started = time.time()
     common.seed_everything(args.seed)
-    device = common.get_device(args.device, args.threads)
     data = common.load_dataset(args, device)
 
     # ALGO LOGIC: stage 1, the prior model: B1's masked BCE over the observed labels (Sec. 3.4)
@@ -186,7 +179,7 @@ def main():
         bce = F.binary_cross_entropy(p, y, reduction="none")
         return (bce * observed).sum() / observed.sum().clamp(min=1)
 
-    prior_model, prior_state, stage1 = fit(args, data, device, "prior", masked_bce)
+    prior_model, prior_state, stage1 = fit(args, data, device, "prior", masked_bce, board)
 
     # ALGO LOGIC: the class prior, the prior model's mean score on the training clips; the classes it ignores
     prior = common.predict(prior_model, data.train.X).mean(0)  # (C,)
@@ -198,9 +191,7 @@ def main():
         flush=True,
     )
     selection = dict(
-        prior=dict(zip(data.class_names, prior.tolist())),
-        ignored_classes=names,
-        prior_threshold=args.prior_threshold,
+        prior=dict(zip(data.class_names, prior.tolist())), ignored_classes=names, prior_threshold=args.prior_threshold
     )
     if data.train.Y_full is not None:  # complete truth known: how close is the estimated prior?
         true_prior = data.train.Y_full.mean(0)
@@ -213,7 +204,7 @@ def main():
         loss = partial_asymmetric_loss(p, y, observed, weights, args.gamma_pos, args.gamma_neg, args.gamma_unann)
         return loss.mean()  # over all B * C labels
 
-    model, state, stage2 = fit(args, data, device, "selective", selective_loss)
+    model, state, stage2 = fit(args, data, device, "selective", selective_loss, board)
 
     # TRY NOT TO MODIFY: test the selected model, write the run
     scores = common.predict(model, data.test.X)

@@ -17,7 +17,15 @@ import torch
 
 from tests.conftest import METHODS, metrics_of, ok, run
 
-PRIMARY = dict(b0="model", b1="model", label_enhance="student", mean_teacher="teacher", le_mean_teacher="teacher")
+PRIMARY = dict(
+    b0="model",
+    b1="model",
+    label_enhance="student",
+    mean_teacher="teacher",
+    le_mean_teacher="teacher",
+    large_loss="model",
+    selective="model",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,7 @@ def test_run_folder_is_named_by_dataset_method_seed_and_non_defaults(method, run
 def test_console_shows_every_epoch_and_the_test_line(method, runs):
     out = runs[method][0].stdout
     assert "data: synthetic | train 1280 val 500 test 1500 clips" in out
-    assert out.count("epoch   2/2 |") == (2 if method in ("label_enhance", "le_mean_teacher") else 1)
+    assert out.count("epoch   2/2 |") == (2 if method in ("label_enhance", "le_mean_teacher", "selective") else 1)
     assert "| test " in out and "f1_macro " in out and "auprc_macro_masked " in out
 
 

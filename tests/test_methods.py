@@ -105,7 +105,9 @@ def test_one_ema_update_by_hand():
     [
         ("enhance_mask", label_enhance),
         ("percentage", label_enhance),
+        ("enhancement_report", label_enhance),
         ("ema_tensors", mean_teacher),
+        ("make_teacher", mean_teacher),
         ("ema_update", mean_teacher),
     ],
 )
