@@ -196,6 +196,17 @@ def seed_everything(seed):
     torch.backends.cudnn.deterministic = True  # (and cudnn.benchmark stays False, its default)
 
 
+def device_count(kind):
+    """How many devices of a kind ('cpu', 'cuda', 'mps') torch sees, without starting any of them."""
+    if kind == "cpu":
+        return 1
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    return 0
+
+
 def get_device(name=None, threads=DEFAULT_THREADS):
     """The device (cuda if none is named and one is there, else cpu), started and made current before any data
     is read: --fast's graph lives there. Any failure of the device to start is one line."""
@@ -208,8 +219,7 @@ def get_device(name=None, threads=DEFAULT_THREADS):
         device = torch.device(name)
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
-    counts = dict(cpu=1, cuda=torch.cuda.device_count(), mps=int(torch.backends.mps.is_available()))
-    count = counts.get(device.type, 0)
+    count = device_count(device.type)
     if (device.index or 0) >= count:
         fail(f"--device {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
     if device.type == "cuda":

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import common
 import figures
@@ -78,20 +79,46 @@ def method_options(method):
     return module, {s for a in module.get_parser()._actions for s in a.option_strings}
 
 
+# Names users try for an option, and the option they mean (the closest name by spelling comes after these).
+COMMON_SPELLINGS = {
+    "learning-rate": "lr",
+    "learningrate": "lr",
+    "batch": "batch-size",
+    "batchsize": "batch-size",
+    "bs": "batch-size",
+    "epoch": "epochs",
+    "num-epochs": "epochs",
+    "n-epochs": "epochs",
+    "alpha": "ema-decay",
+    "ema": "ema-decay",
+    "beta": "consistency-weight",
+    "n-layers": "layers",
+    "hidden-size": "hidden",
+}
+
+
+def did_you_mean(name, known):
+    """'; did you mean --lr?' for an unknown option name, from its common spellings, else the closest names."""
+    key = name.lstrip("-").replace("_", "-").lower()
+    if f"--{COMMON_SPELLINGS.get(key)}" in known:
+        return f"; did you mean --{COMMON_SPELLINGS[key]}?"
+    close = difflib.get_close_matches(f"--{key}", sorted(known), n=2)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def check_options(args, extra, own):
     """Refuse a pass-through or varied option that no chosen method accepts, or that the sweep sets itself."""
     accepted = set().union(*(method_options(m)[1] for m in args.methods))
+    set_by_sweep = SET_BY_SWEEP + (("--device",) if args.devices else ())
     for name in [g[0] for g in option_groups(extra)] + [f"--{k}" for k in args.vary]:
-        if name in SET_BY_SWEEP + (("--device",) if args.devices else ()):
+        if name in set_by_sweep:
             common.fail(
                 f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-seed, "
                 f"--threads, --devices, --out, or run the method script directly)"
             )
         if name not in accepted:
-            close = difflib.get_close_matches(name, sorted(own | accepted), n=2)
             common.fail(
-                f"{name}: no option of the sweep or of {', '.join(args.methods)}"
-                + (f"; did you mean {' or '.join(close)}?" if close else "")
+                f"{name}: no option of the sweep or of {', '.join(args.methods)}{did_you_mean(name, own | accepted)}"
             )
     both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
     if both:
@@ -105,12 +132,16 @@ def parse_vary(items):
         name, _, values = item.partition("=")
         if not name or not values or "" in values.split(","):
             common.fail(f"--vary {item}: expected NAME=V1,V2,... (e.g. --vary lr=0.001,0.005)")
-        vary[name.strip("-").replace("_", "-")] = list(dict.fromkeys(values.split(",")))
+        key = name.strip("-").replace("_", "-")
+        if key in vary:
+            common.fail(f"--vary {key} is given twice; give all its values in one: --vary {key}=V1,V2,...")
+        vary[key] = list(dict.fromkeys(values.split(",")))
     return vary
 
 
 def plan(args, extra):
-    """Every run of the sweep: dict(method, values {option: value}, rate, seed, argv, folder, status, diff)."""
+    """Every run of the sweep: dict(method, values {option: value}, rate, seed, argv, folder, status, diff),
+    status one of finished, stale (finished with other settings), running (by another process), pending."""
     runs, seen = [], set()
     for method in args.methods:
         module, accepted = method_options(method)
@@ -118,66 +149,69 @@ def plan(args, extra):
         axes = {k: v for k, v in args.vary.items() if f"--{k}" in accepted}
         for combo in itertools.product(*axes.values()):
             values = dict(zip(axes, combo))
-            for rate in args.rates:
-                for seed in args.seeds:
-                    argv = [
-                        "--dataset",
-                        args.dataset,
-                        "--level",
-                        args.level,
-                        "--out",
-                        args.out,
-                        "--seed",
-                        str(seed),
-                        "--drop-rate",
-                        f"{rate:g}",
-                    ] + [t for k, v in values.items() for t in (f"--{k}", v)]
-                    if args.drop_seed == "seed" and rate > 0:
-                        argv += ["--drop-seed", str(seed)]
-                    parser = module.get_parser()
-                    parser.error = lambda message: common.fail(f"{method}.py: {message}")  # one line, not its usage
-                    with contextlib.redirect_stderr(io.StringIO()):  # its warnings: once, by the sweep
-                        run_args = common.parse_args(parser, module.TABLE_I, argv + passed)
-                    folder = Path(args.out) / common.run_name(run_args, method)
-                    if folder in seen:
-                        continue
-                    seen.add(folder)
-                    done = folder / "metrics.json"
-                    diff = common.config_diff(read_json(done).get("args", {}), vars(run_args)) if done.is_file() else ""
-                    status = "pending" if not done.is_file() else ("stale" if diff else "finished")
-                    runs.append(
-                        dict(
-                            method=method,
-                            values=values,
-                            rate=rate,
-                            seed=seed,
-                            argv=argv + passed,
-                            folder=folder,
-                            status=status,
-                            diff=diff,
-                        )
-                    )
+            for rate, seed in itertools.product(args.rates, args.seeds):
+                argv = ["--dataset", args.dataset, "--level", args.level, "--out", args.out]
+                argv += ["--seed", str(seed), "--drop-rate", f"{rate:g}"]
+                argv += [t for k, v in values.items() for t in (f"--{k}", v)]
+                if args.drop_seed == "seed" and rate > 0:
+                    argv += ["--drop-seed", str(seed)]
+                run_args = parse_method_args(module, method, argv + passed)
+                folder = Path(args.out) / common.run_name(run_args, method)
+                if folder in seen:
+                    continue
+                seen.add(folder)
+                diff, status = "", "pending"
+                if (folder / "metrics.json").is_file():
+                    diff = common.finished_run_diff(folder, run_args)
+                    status = "stale" if diff else "finished"
+                elif common.run_in_progress(folder):
+                    status = "running"
+                run = dict(method=method, values=values, rate=rate, seed=seed, argv=argv + passed, folder=folder)
+                runs.append(dict(run, status=status, diff=diff))
     return runs
+
+
+def parse_method_args(module, method, argv):
+    """The method script's own arguments for `argv`, as it will parse them; its errors in one line."""
+    parser = module.get_parser()
+    parser.error = lambda message: common.fail(f"{method}.py: {message}")  # one line, not its usage
+    with contextlib.redirect_stderr(io.StringIO()):  # its warnings: once, by the sweep
+        return common.parse_args(parser, module.TABLE_I, argv)
+
+
+def command(run, threads, device):
+    """The command line of one run, with the sweep's own interpreter, its thread count and its device."""
+    cmd = [sys.executable, str(HERE / f"{run['method']}.py"), *run["argv"], "--threads", str(threads)]
+    if device:
+        cmd += ["--device", device]
+    return cmd
+
+
+def check_device(name):
+    """An unavailable device stops the sweep before any run; CUDA itself starts in each run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        common.fail(f"--devices {name}: {e}")
+    count = common.device_count(device.type)
+    if (device.index or 0) >= count:
+        common.fail(f"--devices {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
 
 
 def launch(run, devices, threads):
     device = devices.get()  # one of the --jobs slots, each pinned to a device
-    cmd = [sys.executable, str(HERE / f"{run['method']}.py"), *run["argv"], "--threads", str(threads)]
-    cmd += ["--device", device] if device else []
     log = run["folder"].parent / "logs" / (run["folder"].name + ".log")
     t0 = time.time()
     try:
         with open(log, "w") as fh:  # in the folder the sweep was started from: paths mean the same there
-            rc = subprocess.call(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
-            )
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            rc = subprocess.call(command(run, threads, device), stdout=fh, stderr=subprocess.STDOUT, env=env)
     finally:
         devices.put(device)
-    print(
-        f"{'done' if rc == 0 else f'FAILED ({rc})'}: {run['folder'].name}{f' on {device}' if device else ''} "
-        f"in {time.time() - t0:.0f}s" + ("" if rc == 0 else f", see {log}"),
-        flush=True,
-    )
+    where = f" on {device}" if device else ""
+    outcome = "done" if rc == 0 else f"FAILED ({rc})"
+    problem = "" if rc == 0 else f", see {log}"
+    print(f"{outcome}: {run['folder'].name}{where} in {time.time() - t0:.0f}s{problem}", flush=True)
     return rc
 
 
@@ -262,7 +296,9 @@ def get_parser():
         default=[0.0],
         help="shares of the observed training labels to remove; the paper: 0 0.1 0.2 0.4 0.8 (default: 0)",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training seeds (default: 0 1 2 3 4)")
+    p.add_argument(
+        "--seeds", nargs="+", type=common.seed_arg, default=[0, 1, 2, 3, 4], help="training seeds (default: 0 1 2 3 4)"
+    )
     p.add_argument(
         "--vary",
         action="append",
@@ -281,7 +317,9 @@ def get_parser():
     p.add_argument(
         "--threads",
         type=common.positive_int,
-        help="CPU threads of each run (default: the machine's cores shared out among --jobs)",
+        default=common.DEFAULT_THREADS,
+        help=f"CPU threads of each run, also in the commands --dry-run prints: the runs of a sweep share the machine, "
+        f"where one thread each is fastest (default: {common.DEFAULT_THREADS}; docs/runs.md)",
     )
     p.add_argument(
         "--devices",
@@ -292,7 +330,14 @@ def get_parser():
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print one command per pending run, run nothing; run the same sweep afterwards to collect",
+        help="print one command per pending run (this interpreter, --threads, the device from --devices) and run "
+        "nothing; on a cluster, run them as jobs, then --collect",
+    )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: write the summary (and --plot's figures) from the finished runs, list those missing "
+        "or still running, and exit 1 while any is",
     )
     p.add_argument("--plot", action="store_true", help="also draw Fig. 4 and Fig. 5 (needs matplotlib)")
     p.add_argument(
@@ -302,6 +347,92 @@ def get_parser():
     )
     p.add_argument("--out", default="runs", help="folder for the runs, logs, summaries and figures (default: runs)")
     return p
+
+
+def print_dry_run(args, todo):
+    """One command per pending run, each with its device (round robin over --devices); a reader that stops
+    early (| head) ends the listing quietly."""
+    try:
+        for i, run in enumerate(todo):
+            device = args.devices[i % len(args.devices)] if args.devices else None
+            print(shlex.join(command(run, args.threads, device)))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
+def run_pending(args, todo):
+    """Run `todo`, --jobs at a time; returns (failed, wall seconds)."""
+    common.check_writable(args.out)
+    Path(args.out, "logs").mkdir(parents=True, exist_ok=True)
+    devices = queue.Queue()
+    for i in range(args.jobs):
+        devices.put(args.devices[i % len(args.devices)] if args.devices else None)
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        failed = sum(rc != 0 for rc in pool.map(lambda r: launch(r, devices, args.threads), todo))
+    wall = time.time() - t0
+    if todo and failed == len(todo):
+        log = Path(args.out) / "logs" / (todo[0]["folder"].name + ".log")
+        common.fail(
+            f"all {failed} run(s) of this sweep failed (first log: {log}); no summary written, "
+            f"earlier ones left as they were"
+        )
+    return failed, wall
+
+
+def write_summary(args, extra, rows, wall, failed):
+    """Print the tables; write this grid's summary-<id>.csv/.json and the latest as summary.csv/.json.
+    The id hashes the grid, with the dataset file by its resolved path: the same from any folder."""
+    for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
+        table = markdown(rows, key, args.rates, args.vary)
+        if table:
+            print("\n" + table)
+    shares = [
+        f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth") if rows and k in rows[0]
+    ]
+    if shares:  # what scored_present_share compares with: the test labels' own share of positives
+        print(f"\ntest labels: {', '.join(shares)}")
+    dataset = args.dataset if args.dataset in common.DATASETS else str(Path(args.dataset).resolve())
+    grid = dict(dataset=dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds)
+    grid.update(vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
+    summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows)
+    summary["versions"] = common.versions()
+    name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
+    fixed = ["method", *args.vary, "rate", "seeds"]
+    columns = fixed + sorted({k for r in rows for k in r} - set(fixed) - {"per_seed"})
+
+    def write_csv(p):
+        with open(p, "w", newline="") as fh:
+            w = csv.DictWriter(fh, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write_json(p):
+        Path(p).write_text(json.dumps(common.jsonable(summary), indent=1))
+
+    out = Path(args.out)
+    for stem in (name, "summary"):  # this grid's own summary, and a copy as the latest one
+        common.write_atomic(out / f"{stem}.json", write_json)
+        common.write_atomic(out / f"{stem}.csv", write_csv)
+    ran = "" if wall is None else f" | sweep wall time {wall:.0f}s"
+    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest){ran}", flush=True)
+    return summary, name
+
+
+def plot(args, summary, name):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        common.fail(
+            "--plot needs matplotlib, which is optional: pip install matplotlib "
+            "(the runs and the summary are written; rerun the same sweep to plot)"
+        )
+    tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
+    out = Path(args.out)
+    for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
+        figures.plot(common.jsonable(summary), out, args.metric, suffix)
+    print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 
 
 def main():
@@ -314,15 +445,14 @@ def main():
         if g.replace(".", "", 1).isdigit() and 0 < float(g) < 1:
             common.warn(f"gamma {g} is a percentage: {g} means {float(g):g}%, not {float(g):.0%}")
     check_options(args, extra, own)
-    for device in args.devices or [
-        t.split("=")[-1] for name, tokens in option_groups(extra) if name == "--device" for t in tokens[-1:]
-    ]:
-        common.get_device(device, use=False)  # an unavailable device stops the sweep before any run
-    if args.threads and args.threads * args.jobs > (os.cpu_count() or 1):
-        common.warn(
-            f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
-            f"cores: slower, not faster"
-        )
+    if not (args.dry_run or args.collect):  # elsewhere, each run checks its device where it starts
+        for device in args.devices or []:
+            check_device(device)
+        if args.threads * args.jobs > (os.cpu_count() or 1):
+            common.warn(
+                f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
+                f"cores: slower, not faster"
+            )
 
     runs = plan(args, extra)
     stale = [r for r in runs if r["status"] == "stale"]
@@ -332,32 +462,16 @@ def main():
             f"{stale[0]['folder'].name} ({stale[0]['diff']}); use another --out, or delete them to rerun"
         )
     todo = [r for r in runs if r["status"] == "pending"]
+    running = [r for r in runs if r["status"] == "running"]
     if args.dry_run:
-        for r in todo:
-            print(shlex.join(["python", str(HERE / f"{r['method']}.py"), *r["argv"]]))
-        return
-    common.check_writable(args.out)
-    Path(args.out, "logs").mkdir(parents=True, exist_ok=True)
-    print(
-        f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to do, {args.jobs} at a time",
-        flush=True,
-    )
-    devices = queue.Queue()
-    for i in range(args.jobs):
-        devices.put(args.devices[i % len(args.devices)] if args.devices else None)
-    per_device = -(-args.jobs // len(args.devices)) if args.devices else args.jobs
-    threads = args.threads or max(1, (os.cpu_count() or 1) // per_device)
-    t0 = time.time()
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        failed = sum(rc != 0 for rc in pool.map(lambda r: launch(r, devices, threads), todo))
-    wall = time.time() - t0
-    out = Path(args.out)
-    if todo and failed == len(todo):
-        log = out / "logs" / (todo[0]["folder"].name + ".log")
-        common.fail(
-            f"all {failed} run(s) of this sweep failed (first log: {log}); no summary written, "
-            f"earlier ones left as they were"
-        )
+        return print_dry_run(args, todo)
+    finished = len(runs) - len(todo) - len(running)
+    print(f"{len(runs)} runs: {finished} finished, {len(running)} running elsewhere, {len(todo)} to do", flush=True)
+    failed, wall = 0, None
+    if not args.collect and todo:
+        print(f"running {len(todo)}, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+        failed, wall = run_pending(args, todo)
+        todo = [r for r in todo if not (r["folder"] / "metrics.json").is_file()]
 
     rows = summarize(args, runs)
     if args.plot and args.metric and not any(args.metric in r["per_seed"] for r in rows):
@@ -365,62 +479,23 @@ def main():
             f"--metric {args.metric}: no run of this sweep has it; choose from "
             f"{common.show(sorted({k for r in rows for k in r['per_seed']}), 200)}"
         )
-    for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
-        table = markdown(rows, key, args.rates, args.vary)
-        if table:
-            print("\n" + table)
-    shares = [
-        f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth") if rows and k in rows[0]
-    ]
-    if shares:  # what scored_present_share compares with: the test labels' own share of positives
-        print(f"\ntest labels: {', '.join(shares)}")
-    grid = dict(
-        dataset=args.dataset,
-        level=args.level,
-        methods=args.methods,
-        rates=args.rates,
-        seeds=args.seeds,
-        vary=args.vary,
-        drop_seed=args.drop_seed,
-        passed_through=extra,
-    )
-    summary = dict(
-        **grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows, versions=common.versions()
-    )
-    name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-    columns = ["method", *args.vary, "rate", "seeds"] + sorted(
-        {k for r in rows for k in r} - {"method", "rate", "seeds", "per_seed", *args.vary}
-    )
-
-    def write_csv(p):
-        with open(p, "w", newline="") as fh:
-            w = csv.DictWriter(fh, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-    for stem in (name, "summary"):  # this grid's own summary, and a copy as the latest one
-        common.write_atomic(
-            out / f"{stem}.json", lambda p: Path(p).write_text(json.dumps(common.jsonable(summary), indent=1))
-        )
-        common.write_atomic(out / f"{stem}.csv", write_csv)
-    print(
-        f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest) | sweep wall time {wall:.0f}s",
-        flush=True,
-    )
+    if rows:
+        summary, name = write_summary(args, extra, rows, wall, failed)
+        if args.plot:
+            plot(args, summary, name)
+    for r in running:
+        print(f"running elsewhere: {r['folder']} ({common.run_in_progress(r['folder']) or 'it has just ended'})")
+    for r in todo:
+        print(f"missing: {r['folder']}{'' if args.collect else ' (failed: see its log)'}")
     if failed:
-        common.fail(f"{failed} run(s) failed; their logs are in {out / 'logs'}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            common.fail(
-                "--plot needs matplotlib, which is optional: pip install matplotlib "
-                "(the runs and the summary are written; rerun the same sweep to plot)"
-            )
-        tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
-        for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
-            figures.plot(common.jsonable(summary), out, args.metric, suffix)
-        print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
+        common.fail(f"{failed} run(s) failed; their logs are in {Path(args.out) / 'logs'}")
+    if todo or running:
+        print(
+            f"incomplete: {len(todo)} missing, {len(running)} still running; the summary holds the {len(rows)} "
+            f"finished group(s)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
