@@ -628,7 +628,8 @@ def _read_every_byte(path):
 
 def probe_h5(path):
     """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
-    program = inspect.getsource(_read_every_byte) + "\nimport sys\n_read_every_byte(sys.argv[1])\n"
+    reader = _read_every_byte
+    program = f"{inspect.getsource(reader)}\nimport sys\n{reader.__name__}(sys.argv[1])\n"
     limit = H5_PROBE_SECONDS + path.stat().st_size / 20e6
     try:
         child = subprocess.run([sys.executable, "-c", program, str(path)], capture_output=True, timeout=limit)

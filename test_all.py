@@ -133,7 +133,7 @@ def test_sweep_runs_the_scripts_and_summarizes(tmp_path):
     p = ok(
         run("simulate_missing.py", "--methods", "b1", "--rates", 0, 0.5, "--seeds", 0, "--epochs", 1, "--out", tmp_path)
     )
-    assert "2 runs, 0 already finished, 2 to do" in p.stdout
+    assert "2 runs: 0 finished, 0 running elsewhere, 2 to do" in p.stdout
     assert "| f1_macro | drop 0 | drop 0.5 |" in p.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["rate"] for r in summary["rows"]] == [0, 0.5]

@@ -90,7 +90,7 @@ def test_truncated_openmic_download(tmp_path, npz):
         (dict(Y_mask=None), ["Y_mask", "openmic-2018.npz"]),
         (dict(X="2d"), ["X should be", "(80, 128)"]),
         (dict(Y_true="short"), ["Y_true", "(79, 20)"]),
-        (dict(X="nan"), ["NaN or inf", "2 of 80 rows"]),
+        (dict(X="nan"), ["NaN or inf", "2 bad row(s) here, of 80"]),
     ],
 )
 def test_openmic_npz_with_wrong_members(change, words, tmp_path, npz):
@@ -284,11 +284,12 @@ def test_h5_with_the_complete_truth(tmp_path):
     "dtype, kept",
     [(np.uint8, torch.uint8), (np.float16, torch.float16), (np.float64, torch.float32), (np.int16, torch.float32)],
 )
-def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path):
+def test_h5_keeps_a_compact_width_and_reads_in_blocks(dtype, kept, tmp_path, monkeypatch):
     path = write_scaled_h5(tmp_path / "x.h5", dtype, 1)
     assert load(path).train.X.dtype == kept
     whole, _, _ = common.load_h5(path)
-    blocks, _, _ = common.load_h5(path, block_bytes=3000)  # 2 clips a block: many blocks
+    monkeypatch.setattr(common, "H5_BLOCK_BYTES", 3000)  # 2 clips a block: many blocks
+    blocks, _, _ = common.load_h5(path)
     for s in ("train", "val", "test"):
         assert np.array_equal(whole[s]["X"], blocks[s]["X"])
 
@@ -299,7 +300,7 @@ def test_h5_values_the_model_cannot_take_are_refused_by_row(tmp_path):
         f["X"][50, 0, 0] = 1e300  # finite as float64, inf as float32
         f["X"][51, 0, 0] = 3e38  # finite, but beyond what batch statistics square
     err = bad(tmp_path, "--dataset", path)
-    assert "x.h5" in err and "in 2 of 64 rows 0..63" in err and "rescale X" in err
+    assert "x.h5" in err and "in row 50 (2 bad row(s) here, of 64" in err and "rescale X" in err
 
 
 @pytest.mark.parametrize(
@@ -698,13 +699,23 @@ def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_pa
     Python timeout (benchmarks/fuzz.py, seed 0): every .h5 is read in a child process first. Here the child
     is made to hang or crash on purpose."""
     path = write_h5(tmp_path / "x.h5")
-    monkeypatch.setattr(
-        common,
-        "H5_PROBE",
-        "import time; time.sleep(60)" if how == "hangs" else "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
-    )
+    monkeypatch.setattr(common, "_read_every_byte", hang if how == "hangs" else crash)
+    monkeypatch.setattr(common, "H5_PROBE_SECONDS", 1)
     with pytest.raises(common.UserError, match="the HDF5 library hung or crashed reading it"):
-        common.probe_h5(path, seconds=1)
+        common.probe_h5(path)
+
+
+def hang(path):  # run in the child from its source, as common._read_every_byte is
+    import time
+
+    time.sleep(60)
+
+
+def crash(path):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def test_an_h5_declaring_more_than_the_memory_is_refused_before_it_is_read(tmp_path):

@@ -14,8 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import common
 import label_enhance
+import large_loss
 import le_mean_teacher
 import mean_teacher
+import selective
 from tests.conftest import METHODS, ROOT, call, metrics_of, ok, run, run_dirs, write_h5, write_scaled_h5
 
 #####  The model  ###########################################################################################
@@ -115,6 +117,65 @@ def test_le_mean_teachers_copies_match_their_originals(name, origin):
     assert inspect.getsource(getattr(le_mean_teacher, name)) == inspect.getsource(getattr(origin, name))
 
 
+#####  The later methods: which labels their losses reject, flip or ignore  ####################################
+
+
+def test_large_loss_rejects_the_missing_labels_with_the_largest_loss():
+    loss = torch.tensor([[0.9, 0.1, 2.0, 0.3], [1.5, 0.2, 0.05, 0.8]])
+    missing = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    # rate 0.25 of 8 labels: 2 rejected, the two largest missing losses (2.0 is observed: never rejected)
+    large = large_loss.large_loss_labels(loss, missing, torch.tensor(0.25))
+    assert large.tolist() == [[True, False, False, False], [True, False, False, False]]
+
+
+def test_large_loss_rejects_none_at_rate_0_and_never_an_observed_label():
+    loss = torch.rand(4, 5)
+    missing = torch.rand(4, 5) < 0.5
+    assert not large_loss.large_loss_labels(loss, missing, torch.tensor(0.0)).any()
+    assert torch.equal(large_loss.large_loss_labels(loss, missing, torch.tensor(1.0)), missing)
+
+
+def test_large_loss_ties_at_the_threshold_are_all_rejected():
+    loss = torch.tensor([[0.5, 0.5, 0.5, 0.1]])
+    missing = torch.ones(1, 4, dtype=torch.bool)
+    large = large_loss.large_loss_labels(loss, missing, torch.tensor(0.25))  # k = 1, three tie at 0.5
+    assert large.tolist() == [[True, True, True, False]]
+
+
+def test_large_loss_schedule_is_the_papers_stretched_to_the_run():
+    assert large_loss.rejection_rate(1, 100, 0.2) == 0
+    assert large_loss.rejection_rate(11, 100, 0.2) == pytest.approx(0.002)  # 10% of training: one paper epoch
+    assert large_loss.rejection_rate(2, 10, 0.2) == pytest.approx(0.002)  # 10 epochs: the paper's own rule
+
+
+def test_selective_weights_ignore_prior_classes_and_the_likeliest_missing_labels():
+    p = torch.tensor([[0.9, 0.2, 0.6, 0.1], [0.3, 0.95, 0.4, 0.05]])
+    observed = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    ignored_class = torch.tensor([False, False, False, True])  # class 3: its missing labels are ignored
+    w = selective.selective_weights(p, observed, ignored_class, likelihood_topk=1)
+    # top 1 x 2 clips = 2 likeliest missing labels: (0, 2) p 0.6 and (1, 2) p 0.4; observed labels count
+    assert w.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+
+
+def test_partial_asymmetric_loss_by_hand():
+    p = torch.tensor([[0.8, 0.3, 0.5]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    observed = torch.tensor([[True, True, False]])
+    loss = selective.partial_asymmetric_loss(p, y, observed, torch.ones(1, 3), 0.0, 1.0, 4.0)
+    expected = [-np.log(0.8), -(0.3**1) * np.log(0.7), -(0.5**4) * np.log(0.5)]
+    assert loss.detach()[0].tolist() == pytest.approx(expected, rel=1e-6)
+    loss.sum().backward()  # the focusing weights are constants: d/dp of -(0.3) log(1 - p) is 0.3 / 0.7
+    assert p.grad[0, 1].item() == pytest.approx(0.3 / 0.7, rel=1e-5)
+
+
+def test_partial_asymmetric_loss_leaves_ignored_labels_out():
+    p = torch.full((2, 3), 0.4)
+    observed = torch.zeros(2, 3, dtype=torch.bool)
+    weights = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    loss = selective.partial_asymmetric_loss(p, torch.zeros(2, 3), observed, weights, 0.0, 1.0, 4.0)
+    assert (loss[weights == 0] == 0).all() and (loss[weights == 1] > 0).all()
+
+
 #####  The training step: no host sync, so a CUDA graph can capture it  ######################################
 
 
@@ -135,8 +196,18 @@ SYNCS = {
 }
 
 
+HOST_DATA = {"aten::lift_fresh", "aten::lift_fresh_copy"}  # a tensor made from Python data: on CUDA, a copy
+
+
+def bool_index(args):
+    """A boolean mask among an index operator's indices: its output size is the mask's count (a sync)."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else []
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in indices)
+
+
 class SyncTrap(TorchDispatchMode):
-    """Records every operator that reads a device value on the host, or whose output size depends on one."""
+    """Records every operator that reads a device value on the host, whose output size depends on one (boolean
+    mask indexing among them), or that brings host data into the step (a host-to-device copy on CUDA)."""
 
     def __init__(self):
         super().__init__()
@@ -144,8 +215,13 @@ class SyncTrap(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        if func._schema.name in SYNCS:
-            self.syncs.append(func._schema.name)
+        name = func._schema.name
+        if name in SYNCS or name in HOST_DATA:
+            self.syncs.append(name)
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_") and bool_index(args):
+            self.syncs.append(f"{name} with a boolean mask")
+        elif name == "aten::_to_copy" and kwargs and kwargs.get("device") not in (None, args[0].device):
+            self.syncs.append("aten::_to_copy to another device")
         return func(*args, **(kwargs or {}))
 
 
@@ -155,6 +231,15 @@ def test_the_trap_sees_item_and_float():
         float(t)
         t.item()
     assert trap.syncs == ["aten::_local_scalar_dense"] * 2
+
+
+def test_the_trap_sees_data_dependent_shapes_and_host_data():
+    x = torch.arange(6.0)
+    with SyncTrap() as trap:
+        x[x > 2]  # boolean mask: its size is known only after a sync
+        x.nonzero()
+        x + torch.tensor([1.0])  # host data: a host-to-device copy on CUDA
+    assert trap.syncs == ["aten::index with a boolean mask", "aten::nonzero", "aten::lift_fresh"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -185,7 +270,7 @@ def test_training_step_makes_no_host_sync(method, tmp_path, h5, monkeypatch):
 
     monkeypatch.setattr(common, "fast_step", trace_first_call)
     ok(call(f"{method}.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path))
-    assert len(traced) == (2 if method in ("label_enhance", "le_mean_teacher") else 1)
+    assert len(traced) == (2 if method in ("label_enhance", "le_mean_teacher", "selective") else 1)
     for trap in traced:
         assert trap.ops > 50  # the whole step was traced
         assert trap.syncs == []

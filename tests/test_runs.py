@@ -148,7 +148,7 @@ def trained(tmp_path_factory):
 
 
 def test_run_files_get_the_usual_permissions(trained):
-    mode = 0o666 & ~common._UMASK
+    mode = common.file_mode()
     for f in ("metrics.json", "model.pt", "test_predictions.npz"):
         assert (trained[2] / f).stat().st_mode & 0o777 == mode, f
 
@@ -299,7 +299,7 @@ def sweep(tmp_path, *args, methods=("b1",)):
 def test_sweep_resumes_and_summarizes_mean_and_population_std(tmp_path):
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, 1, "--jobs", 2, "--devices", "cpu")
     p = ok(call("simulate_missing.py", *grid))
-    assert "4 runs, 0 already finished, 4 to do" in p.stdout
+    assert "4 runs: 0 finished, 0 running elsewhere, 4 to do" in p.stdout
     assert p.stdout.count(" on cpu in ") == 4  # each run pinned to a device
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     row = next(r for r in summary["rows"] if r["rate"] == 0.5)
@@ -308,7 +308,7 @@ def test_sweep_resumes_and_summarizes_mean_and_population_std(tmp_path):
     assert row["f1_macro"] == pytest.approx(np.mean(f1s))
     assert row["f1_macro_std"] == pytest.approx(np.std(f1s))
     assert row["per_seed"]["f1_macro"] == f1s
-    assert "4 runs, 4 already finished, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
+    assert "4 runs: 4 finished, 0 running elsewhere, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
 
 
 def test_sweep_dry_run_prints_commands_that_a_rerun_collects(tmp_path):
@@ -318,7 +318,7 @@ def test_sweep_dry_run_prints_commands_that_a_rerun_collects(tmp_path):
     assert not (tmp_path / "o").exists()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     ok(subprocess.run(["bash", "-c", " && ".join(commands)], capture_output=True, text=True, env=env))
-    assert "2 runs, 2 already finished, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
+    assert "2 runs: 2 finished, 0 running elsewhere, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
 
 
 def test_sweep_from_another_folder_keeps_its_paths_and_finds_its_runs(tmp_path):
@@ -344,7 +344,7 @@ def test_sweep_from_another_folder_keeps_its_paths_and_finds_its_runs(tmp_path):
     assert (work / "sweepcwd" / "summary.csv").is_file()
     assert (work / "sweepcwd" / "logs").is_dir()
     assert metrics_of(work / "sweepcwd")["args"]["threads"] == 1
-    assert "1 already finished, 0 to do" in ok(run("simulate_missing.py", *args, cwd=work)).stdout
+    assert "1 finished, 0 running elsewhere, 0 to do" in ok(run("simulate_missing.py", *args, cwd=work)).stdout
 
 
 def test_sweep_varies_any_option_and_tables_it(tmp_path):
