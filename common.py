@@ -488,7 +488,7 @@ def make_synthetic(
 ):
     """OpenMIC-shaped partially labelled data whose complete truth is known (Y_full). Each class has a
     direction in feature space, added with a random strength to a run of 2-6 frames over Gaussian noise;
-    classes come in pairs of correlated directions. About 10% of labels are observed, positives about four
+    classes come in pairs of correlated directions. About 11% of labels are observed, positives about four
     times as often as negatives (as in OpenMIC's annotation). Fixed by its own seed, never by --seed."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val + n_test
@@ -734,6 +734,11 @@ def read_h5_layout(f, path, h5py):
 #####  Model  ######################################################################################
 
 
+def per_feature(value, n_features):
+    """A number or a (D,) array as a float32 (D,) tensor: the model's input scaling."""
+    return torch.as_tensor(np.asarray(value, np.float32)).expand(n_features).clone()
+
+
 class AttentionMIL(nn.Module):
     """Attention-pooling multiple-instance network shared by every method (paper Sec. III).
 
@@ -747,9 +752,8 @@ class AttentionMIL(nn.Module):
     def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6, input_offset=0.0, input_scale=1.0):
         super().__init__()
         self.config = dict(n_features=n_features, n_classes=n_classes, layers=layers, hidden=hidden, dropout=dropout)
-        vector = lambda v: torch.as_tensor(np.asarray(v, np.float32)).expand(n_features).clone()  # noqa: E731
-        self.register_buffer("input_offset", vector(input_offset))  # (D,)
-        self.register_buffer("input_scale", vector(input_scale))  # (D,)
+        self.register_buffer("input_offset", per_feature(input_offset, n_features))  # (D,)
+        self.register_buffer("input_scale", per_feature(input_scale, n_features))  # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
         self.blocks = nn.ModuleList(
             nn.ModuleList([nn.Linear(hidden if i else n_features, hidden, bias=False), nn.BatchNorm1d(hidden)])
@@ -945,7 +949,11 @@ def jsonable(x):
         return [jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
-    return int(x) if isinstance(x, np.integer) else str(x) if isinstance(x, Path) else x
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
 
 
 def run_record(args, device, started, **parts):

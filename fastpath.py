@@ -68,8 +68,8 @@ def capture(step, example_batch, device, state):
                         v.zero_()  # a fresh Adam: zero moments, step 0
     torch.cuda.set_rng_state(rng, device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(*static)
+    with torch.cuda.graph(graph, stream=side):  # the capture stream on the run's device, named: not the current
+        static_loss = step(*static)  # device's at torch's first use of it
 
     def replay(*batch):
         for buf, b in zip(static, batch):

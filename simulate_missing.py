@@ -187,15 +187,15 @@ def command(run, threads, device):
     return cmd
 
 
-def check_device(name):
+def check_device(name, option):
     """An unavailable device stops the sweep before any run; CUDA itself starts in each run."""
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        common.fail(f"--devices {name}: {e}")
+        common.fail(f"{option} {name}: {e}")
     count = common.device_count(device.type)
     if (device.index or 0) >= count:
-        common.fail(f"--devices {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
+        common.fail(f"{option} {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
 
 
 def launch(run, devices, threads):
@@ -446,8 +446,9 @@ def main():
             common.warn(f"gamma {g} is a percentage: {g} means {float(g):g}%, not {float(g):.0%}")
     check_options(args, extra, own)
     if not (args.dry_run or args.collect):  # elsewhere, each run checks its device where it starts
-        for device in args.devices or []:
-            check_device(device)
+        passed = [tokens[-1].split("=")[-1] for name, tokens in option_groups(extra) if name == "--device"]
+        for device in args.devices or passed:
+            check_device(device, "--devices" if args.devices else "--device")
         if args.threads * args.jobs > (os.cpu_count() or 1):
             common.warn(
                 f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "

@@ -6,7 +6,7 @@ used to score a DCASE submission without the challenge's pandas/oyaml tool chain
     python sonyc.py PREDICTIONS.csv ANNOTATIONS.csv --split validate
 
 prints the fine and coarse micro/macro AUPRC and micro-F1 as JSON. `common.load_dataset` calls
-`load_sonyc` for `--dataset sonyc`. Errors are raised as DataError, one line each.
+`load` for `--dataset sonyc`. Errors are raised as DataError, one line each.
 """
 
 import argparse

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from tests.conftest import HugeArray, Payload, read_openmic_npz, write_h5, write_openmic, write_sonyc  # noqa: E402
+from benchmarks.fixtures import HugeArray, Payload, read_openmic_npz, write_h5, write_openmic, write_sonyc  # noqa: E402
 
 READERS = ("openmic", "sonyc", "h5")
 

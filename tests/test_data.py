@@ -1,5 +1,5 @@
-"""The data readers against fixtures in the official layouts (shared/DATA.md) and the .h5 layout
-(docs/data.md): what they read, what they keep, and every bad input answered in one line, exit 2."""
+"""The data readers against fixtures in the official layouts and the .h5 layout (docs/data.md): what they
+read, what they keep, and every bad input answered in one line, exit 2."""
 
 import csv
 import json
@@ -90,7 +90,7 @@ def test_truncated_openmic_download(tmp_path, npz):
         (dict(Y_mask=None), ["Y_mask", "openmic-2018.npz"]),
         (dict(X="2d"), ["X should be", "(80, 128)"]),
         (dict(Y_true="short"), ["Y_true", "(79, 20)"]),
-        (dict(X="nan"), ["NaN or inf", "2 bad row(s) here, of 80"]),
+        (dict(X="nan"), ["NaN or inf", "2 of 80 rows"]),
     ],
 )
 def test_openmic_npz_with_wrong_members(change, words, tmp_path, npz):
@@ -308,7 +308,12 @@ def test_h5_values_the_model_cannot_take_are_refused_by_row(tmp_path):
     [
         ("no observed", ["x.h5", "observed"]),
         ("split dev", ["unknown split name(s) ['dev']"]),
-        ("flat X", ["X[:, None, :]"]),
+        ("flat X", ["X[:, None, :]", "(60, 16)"]),
+        ("4 class names", ["Y has 5 columns but class_names names 4 classes"]),
+        ("2-D split", ["split should be a 1-D array of strings, found shape (30, 2)"]),
+        ("2-D keys", ["keys should be a 1-D array of strings, found shape (30, 2)"]),
+        ("float16 inf", ["x.h5", "X has NaN, inf", "in row 7 (1 bad row(s) here, of 60; stored as float16)"]),
+        ("nan in the first row", ["in row 0 (1 bad row(s) here, of 60"]),
     ],
 )
 def test_bad_h5_inputs(edit, words, tmp_path):
@@ -316,6 +321,20 @@ def test_bad_h5_inputs(edit, words, tmp_path):
     with h5py.File(path, "a") as f:
         if edit == "no observed":
             del f["observed"]
+        if edit == "4 class names":
+            f.attrs["class_names"] = ["a", "b", "c", "d"]
+        if edit in ("2-D split", "2-D keys"):
+            name = edit.split()[1]
+            values = f[name][()]
+            del f[name]
+            f[name] = values.reshape(30, 2)
+        if edit == "float16 inf":
+            X = f["X"][()].astype(np.float16)
+            X[7, 1, 2] = np.inf
+            del f["X"]
+            f["X"] = X
+        if edit == "nan in the first row":
+            f["X"][0, 0, 0] = np.nan
         if edit == "split dev":
             s = f["split"][()]
             s[0] = b"dev"
@@ -648,7 +667,7 @@ H5_CASES = {
     "observed 'True'/'False'": ("observed", np.full((60, 5), b"True"), ["observed should be"]),
     "observed 0.5": ("observed", np.full((60, 5), 0.5), ["observed should hold only 0 and 1"]),
     "X 0-d": ("X", np.float32(1), ["X should be"]),
-    "X empty": ("X", np.zeros((0, 4, 16), np.float32), ["X should be"]),
+    "X empty": ("X", np.zeros((0, 4, 16), np.float32), ["X has 0 rows but split has 60 entries"]),
     "X without frames": ("X", np.zeros((60, 0, 16), np.float32), ["X should be (N, T, D) with T, D >= 1"]),
     "keys one short": ("keys", np.array([f"clip{i}".encode() for i in range(59)]), ["keys has 59 entries"]),
     "keys one long": ("keys", np.array([f"clip{i}".encode() for i in range(61)]), ["keys has 61 entries"]),

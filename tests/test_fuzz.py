@@ -3,14 +3,10 @@ data as an independent reader reads it, or stop with the one-line error; never a
 invalid or wrong data loaded."""
 
 import signal
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import fuzz  # noqa: E402
+from benchmarks import fuzz
 
 
 @pytest.mark.parametrize("reader", fuzz.READERS)

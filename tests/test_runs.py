@@ -6,11 +6,11 @@ import csv
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +53,97 @@ def test_same_settings_rerun_and_say_so_other_settings_are_refused(tmp_path):
     p = call("b1.py", "--dataset", other, "--epochs", 1, "--out", tmp_path / "o")
     refused(p, "holds a finished run made with other settings", "--dataset")
     assert "epoch" not in p.stdout
+
+
+def test_the_same_file_by_another_path_is_the_same_setting_and_a_changed_file_is_not(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    write_h5(tmp_path / "data" / "mine.h5")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "data")
+    ok(call("b1.py", "--dataset", "mine.h5", "--epochs", 1, "--out", tmp_path / "o"))
+    monkeypatch.chdir(tmp_path / "repo")
+    p = ok(call("b1.py", "--dataset", "../data/mine.h5", "--epochs", 1, "--out", tmp_path / "o"))
+    assert "holds a finished run with these settings" in p.stdout
+    write_h5(tmp_path / "data" / "mine.h5", seed=1, n=64)  # the same path, another file
+    refused(call("b1.py", "--dataset", "../data/mine.h5", "--epochs", 1, "--out", tmp_path / "o"), "--dataset-file")
+
+
+def test_a_missing_dataset_file_is_no_such_file_even_beside_an_earlier_run(tmp_path):
+    h5 = write_h5(tmp_path / "mine.h5")
+    ok(call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path / "o"))
+    h5.unlink()
+    refused(call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path / "o"), f"no such file: {h5}")
+
+
+def test_a_run_in_progress_is_never_started_twice(tmp_path, h5):
+    folder = tmp_path / "o" / "mine__b1__seed0__epochs1"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds the run's lock, as a running run does
+        [sys.executable, "-c", LOCK_HOLDER, str(folder / common.LOCK_NAME)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert common.run_in_progress(folder)
+        refused(call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path / "o"), "another process is making")
+        grid = ["--dataset", h5, "--methods", "b1", "--seeds", 0, "--epochs", 1, "--out", tmp_path / "o"]
+        p = call("simulate_missing.py", *grid)
+        assert p.returncode == 1 and "running elsewhere" in p.stdout and "1 running elsewhere, 0 to do" in p.stdout
+        assert not (folder / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert common.run_in_progress(folder) is None  # the lock dies with its process
+
+
+LOCK_HOLDER = """import fcntl, sys, time
+fh = open(sys.argv[1], "a+")
+fcntl.flock(fh, fcntl.LOCK_EX)
+fh.write("otherhost pid 1\\n"); fh.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_end_of_a_run_says_what_it_left(tmp_path, h5):
+    p = ok(call("mean_teacher.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path))
+    assert "result: network 'teacher' of epoch" in p.stdout
+    assert "metrics.json (arguments, history, test metrics), model.pt" in p.stdout and "docs/metrics.md" in p.stdout
+    assert not (run_dirs(tmp_path)[0] / common.LOCK_NAME).exists()
+    best = metrics_of(tmp_path)["best_epoch"]
+    assert ("the selected epoch is the last" in p.stderr) == (best == 2)
+
+
+def test_tensorboard_logs_every_epoch_into_the_run_folder(tmp_path, h5):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional: pip install tensorboard")
+    ok(call("label_enhance.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path, "--tensorboard"))
+    events = list(run_dirs(tmp_path)[0].glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert {"teacher/train_loss", "teacher/val_loss", "student/lr", "student/val_loss_observed"} <= set(tags)
+
+
+def test_tensorboard_missing_is_named_in_one_line(tmp_path, h5, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    refused(
+        call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path, "--tensorboard"), "pip install tensorboard"
+    )
+    assert not run_dirs(tmp_path)
+
+
+def test_curves_of_finished_runs_are_drawn_from_metrics_json(tmp_path, h5):
+    pytest.importorskip("matplotlib", reason="figures need matplotlib, which is optional")
+    ok(call("b1.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path / "a"))
+    ok(call("mean_teacher.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path / "a"))
+    p = ok(run("figures.py", "curves", *run_dirs(tmp_path / "a"), "--out", tmp_path / "curves.png"))
+    assert "2 run(s)" in p.stdout
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_a_seed_out_of_range_is_refused_where_it_is_parsed(seed, tmp_path):
+    refused(call("b1.py", "--seed", seed, "--out", tmp_path), "--seed", "a seed is a whole number from 0 to")
 
 
 def test_same_seed_same_metrics_on_cpu_in_separate_processes(tmp_path):
@@ -311,14 +402,50 @@ def test_sweep_resumes_and_summarizes_mean_and_population_std(tmp_path):
     assert "4 runs: 4 finished, 0 running elsewhere, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
 
 
-def test_sweep_dry_run_prints_commands_that_a_rerun_collects(tmp_path):
+def test_sweep_dry_run_prints_commands_that_collect_gathers(tmp_path):
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0)
     commands = ok(call("simulate_missing.py", *grid, "--dry-run")).stdout.strip().splitlines()
     assert len(commands) == 2
+    assert all(c.startswith(shlex.quote(sys.executable) + " ") and "--threads 1 --device cpu" in c for c in commands)
     assert not (tmp_path / "o").exists()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    ok(subprocess.run(["bash", "-c", " && ".join(commands)], capture_output=True, text=True, env=env))
-    assert "2 runs: 2 finished, 0 running elsewhere, 0 to do" in ok(call("simulate_missing.py", *grid)).stdout
+    p = call("simulate_missing.py", *grid, "--collect")
+    assert p.returncode == 1 and p.stdout.count("missing: ") == 2 and not list((tmp_path / "o").rglob("*.log"))
+    ok(subprocess.run(["bash", "-c", commands[0]], capture_output=True, text=True))
+    p = call("simulate_missing.py", *grid, "--collect")  # one finished, one missing: a summary of what there is
+    assert p.returncode == 1 and p.stdout.count("missing: ") == 1 and (tmp_path / "o" / "summary.csv").is_file()
+    ok(subprocess.run(["bash", "-c", commands[1]], capture_output=True, text=True))
+    p = ok(call("simulate_missing.py", *grid, "--collect"))
+    assert "2 runs: 2 finished, 0 running elsewhere, 0 to do" in p.stdout and "missing" not in p.stdout
+
+
+def test_dry_run_prepares_gpu_commands_on_a_machine_without_one(tmp_path):
+    grid = sweep(tmp_path, "--seeds", 0, 1, 2, "--devices", "cuda:0", "cuda:1")
+    commands = ok(run("simulate_missing.py", *grid, "--dry-run")).stdout.splitlines()
+    assert [c.rsplit(" ", 1)[-1] for c in commands] == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_dry_run_into_a_closed_pipe_ends_quietly(tmp_path):
+    grid = " ".join(shlex.quote(str(a)) for a in sweep(tmp_path, "--seeds", 0, 1, 2, 3, "--devices", "cpu"))
+    script = f"{shlex.quote(sys.executable)} simulate_missing.py {grid} --dry-run | head -1"
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert len(p.stdout.splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_the_same_sweep_from_two_folders_reuses_its_runs_and_writes_one_summary(tmp_path):
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "repo").mkdir()
+    write_h5(tmp_path / "mydata" / "my_tags.h5")
+    grid = ["--methods", "b1", "--seeds", 0, "--epochs", 1, "--devices", "cpu"]
+    ok(run("simulate_missing.py", "--dataset", "my_tags.h5", "--out", "sweep", *grid, cwd=tmp_path / "mydata"))
+    p = ok(
+        run(
+            "simulate_missing.py",
+            *["--dataset", "../mydata/my_tags.h5", "--out", "../mydata/sweep", *grid],
+            cwd=tmp_path / "repo",
+        )
+    )
+    assert "1 runs: 1 finished, 0 running elsewhere, 0 to do" in p.stdout
+    assert len(list((tmp_path / "mydata" / "sweep").glob("summary-*.json"))) == 1
 
 
 def test_sweep_from_another_folder_keeps_its_paths_and_finds_its_runs(tmp_path):
@@ -381,6 +508,10 @@ def test_an_option_of_some_methods_reaches_only_those(tmp_path):
         (["--vary", "lr=abc"], ["b1.py: argument --lr: invalid float value: 'abc'"]),
         (["--vary", "lr=0.01", "--lr", 0.1], ["--lr is both varied and passed through"]),
         (["--devices", "cpu", "--device", "cpu"], ["--device: the sweep sets this itself"]),
+        (["--vary", "learning_rate=0.01"], ["--learning-rate: no option", "did you mean --lr?"]),
+        (["--batch_size", 32], ["did you mean --batch-size?"]),
+        (["--vary", "dropout=0.1", "--vary", "dropout=0.2"], ["--vary dropout is given twice"]),
+        (["--seeds", -1], ["--seeds", "a seed is a whole number"]),
     ],
 )
 def test_sweep_refuses_what_it_cannot_run_by_name(args, words, tmp_path):
