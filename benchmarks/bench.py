@@ -35,7 +35,15 @@ SHAPES = {  # n_train, n_val, frames, features, classes, Table I row
     "openmic": (12678, 2237, 10, 128, 20, []),
     "sonyc": (13538, 4308, 11, 512, 23, ["--layers", "1", "--hidden", "512"]),
 }
-STAGES = {"b0": 1, "b1": 1, "label_enhance": 2, "mean_teacher": 1, "le_mean_teacher": 2}
+STAGES = {
+    "b0": 1,
+    "b1": 1,
+    "label_enhance": 2,
+    "mean_teacher": 1,
+    "le_mean_teacher": 2,
+    "large_loss": 1,
+    "selective": 2,
+}
 
 
 def write_h5(path, shape, seed=0):
@@ -51,7 +59,7 @@ def write_h5(path, shape, seed=0):
         f.attrs["class_names"] = [f"c{i}" for i in range(classes)]
 
 
-def time_script(method, data, extra, epochs, device, fast, out):
+def time_script(method, data, extra, epochs, device, fast, out, threads):
     out = Path(tempfile.mkdtemp(dir=out))  # one run per folder, whatever its name
     cmd = (
         [
@@ -65,6 +73,8 @@ def time_script(method, data, extra, epochs, device, fast, out):
             str(out),
             "--device",
             device,
+            "--threads",
+            str(threads),
         ]
         + extra
         + (["--fast"] if fast else [])
@@ -91,6 +101,7 @@ def main():
     p.add_argument("--epochs", type=int, default=4, help="epochs per timing run (the first is left out)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     p.add_argument("--fast", action="store_true", help="also time --fast (CUDA graph)")
+    p.add_argument("--threads", type=int, default=common.DEFAULT_THREADS, help="CPU threads of each run")
     p.add_argument("--e2e", action="store_true", help="also time each default synthetic run end to end")
     args = p.parse_args()
 
@@ -103,7 +114,9 @@ def main():
             write_h5(data, shape)
             for method in args.methods:
                 for fast in [False, True] if args.fast else [False]:
-                    s, wall, note = time_script(method, data, SHAPES[shape][5], args.epochs, args.device, fast, tmp)
+                    s, wall, note = time_script(
+                        method, data, SHAPES[shape][5], args.epochs, args.device, fast, tmp, args.threads
+                    )
                     mode = "fast" if fast else "eager"
                     if s is None:
                         rows.append(f"| {shape} | {method} | {mode} | failed: {note} | | |")
@@ -125,6 +138,8 @@ def main():
                         tempfile.mkdtemp(dir=tmp),
                         "--device",
                         args.device,
+                        "--threads",
+                        str(args.threads),
                     ],
                     capture_output=True,
                     text=True,
