@@ -1,0 +1,88 @@
+"""The docs name only what exists: every repository file and link, every `common.NAME`, and every option of
+every command they show, checked against the scripts' own parsers."""
+
+import importlib
+import re
+import shlex
+
+import pytest
+
+import common
+from tests.conftest import ROOT
+
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPTS = {p.name for p in ROOT.glob("*.py")} | {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*")}
+
+
+def doc_id(path):
+    return str(path.relative_to(ROOT))
+
+
+def commands(text):
+    """Each `python SCRIPT.py ...` line of the text (code blocks and inline code), as (script, tokens)."""
+    found = []
+    for line in re.findall(r"python3? ((?:benchmarks/)?\w+\.py\b[^`\n|]*)", text):
+        line = line.split("#")[0].replace("\\", " ")
+        try:
+            tokens = shlex.split(line)
+        except ValueError:
+            continue
+        found.append((tokens[0], tokens[1:]))
+    return found
+
+
+def options_of(script):
+    """The option strings a script accepts (the sweep: also every method script's, which pass through)."""
+    if "/" in script:
+        return None  # benchmarks: checked by name in their source
+    module = importlib.import_module(script.removesuffix(".py"))
+    if not hasattr(module, "get_parser"):
+        return None
+    if script == "figures.py":
+        return {"--out"}
+    accepted = {s for a in module.get_parser()._actions for s in a.option_strings}
+    if script == "simulate_missing.py":
+        for method in module.METHODS:
+            accepted |= {s for a in importlib.import_module(method).get_parser()._actions for s in a.option_strings}
+    return accepted
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_repository_file_and_link_the_docs_name_exists(doc):
+    text = doc.read_text()
+    missing = []
+    for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # Markdown links to local files
+        if not (doc.parent / link).exists():
+            missing.append(link)
+    for name in re.findall(r"`((?:docs/|benchmarks/|tests/)?\w+\.(?:py|sh))\b", text):
+        if not ((ROOT / name).exists() or (doc.parent / name).exists()):
+            missing.append(name)
+    assert missing == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_common_name_the_docs_use_exists(doc):
+    names = set(re.findall(r"\bcommon\.(\w+)", doc.read_text())) - {"py"}  # common.py itself
+    assert [n for n in sorted(names) if not hasattr(common, n)] == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_option_of_every_command_the_docs_show_exists(doc):
+    unknown = []
+    for script, tokens in commands(doc.read_text()):
+        if script == "METHOD.py":  # a placeholder for any method script
+            continue
+        assert script in SCRIPTS, script
+        accepted = options_of(script)
+        if accepted is None:
+            source = (ROOT / script).read_text()
+            unknown += [f"{script} {t}" for t in tokens if t.startswith("--") and f'"{t.split("=")[0]}"' not in source]
+            continue
+        for t in tokens:
+            if t.startswith("--") and t.split("=")[0] not in accepted:
+                unknown.append(f"{script} {t}")
+    assert unknown == []
+
+
+def test_the_docs_show_commands_at_all():
+    assert sum(len(commands(d.read_text())) for d in DOCS) > 30
