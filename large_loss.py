@@ -16,6 +16,11 @@ The schedule: the paper grows the rate by delta_rel per epoch over 10 epochs of 
 delta_rel every 10% of training instead: the same rate at the same share of training, about 2% of the
 batch's labels at the end with the default delta_rel 0.2%. docs/results.md shows other delta_rel.
 
+Model selection: like every method here, by default the epoch with the lowest validation BCE over the
+observed labels. Those labels over-represent positives, so a model that learns "missing = absent", as B0
+and this method do, can look best at epoch 1; `--selection own` keeps instead the epoch with the lowest LL
+loss on every validation label at the final rejection rate (docs/results.md compares the two).
+
 Differs from B0 only in the loss of the rejected labels. It is the online counterpart of label
 enhancement: both decide which missing labels to believe negative, LE with a teacher's percentile once,
 LL with the student's own loss in every batch.
@@ -47,6 +52,17 @@ def large_loss_labels(loss, missing, rate):
     ordered = candidates.flatten().sort(descending=True).values  # (B * C,)
     threshold = ordered.gather(0, (k - 1).clamp(min=0).view(1))  # (1,) the k-th largest loss
     return missing & (candidates >= threshold) & (k > 0)
+
+
+def large_loss_matrix(p, bce, missing, rate, correction):
+    """The loss per label (B, C): B0's BCE, except for the large-loss missing labels, which leave the loss
+    (Eq. 4, LL-R) or are taken as positives (Eq. 5, LL-Ct: BCE(p, 1)); and those labels, bool (B, C)."""
+    large = large_loss_labels(bce.detach(), missing, rate)
+    if correction:
+        replaced = F.binary_cross_entropy(p, torch.ones_like(p), reduction="none")
+    else:
+        replaced = torch.zeros_like(bce)
+    return torch.where(large, replaced, bce), large
 
 
 def rejection_rate(epoch, epochs, delta_rel):
@@ -83,6 +99,13 @@ def get_parser():
         action="store_true",
         help="LL-Ct: take the large-loss labels as positives instead of rejecting them (LL-R, the default)",
     )
+    p.add_argument(
+        "--selection",
+        choices=("observed", "own"),
+        default="observed",
+        help="the epoch kept: observed = lowest validation BCE over the observed labels, as for every method "
+        "here; own = lowest LL loss on every validation label at the final rejection rate (default: observed)",
+    )
     return common.add_run_args(p)
 
 
@@ -108,16 +131,13 @@ def main():
     # ALGO LOGIC: the epoch's rejection rate lives on the device, filled in place each epoch (like a tensor lr)
     rate = torch.zeros((), device=device)
     rejected = torch.zeros((), device=device)  # large-loss labels this epoch, summed over its batches
+    final_rate = torch.tensor(rejection_rate(args.epochs, args.epochs, args.delta_rel), device=device)
 
     # ALGO LOGIC: one training step of large loss rejection (LL-R) or temporary correction (LL-Ct)
     def train_step(x, y, observed):  # x (B, T, D); y, observed (B, C); y = 0 where missing
         p = model(x)  # (B, C) probabilities
         bce = F.binary_cross_entropy(p, y, reduction="none")  # B0's loss: missing = negative
-        large = large_loss_labels(bce.detach(), observed == 0, rate)  # (B, C) bool
-        if args.correction:  # Eq. (5): lambda = 1 with the label flipped to positive
-            loss_matrix = torch.where(large, -torch.log(p.clamp(min=1e-12)), bce)
-        else:  # Eq. (4): lambda = 0, the label leaves the loss
-            loss_matrix = torch.where(large, torch.zeros_like(bce), bce)
+        loss_matrix, large = large_loss_matrix(p, bce, observed == 0, rate, args.correction)  # (B, C) each
         loss = loss_matrix.mean()  # over all B * C labels, as the official code divides
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,16 +165,20 @@ def main():
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
 
-        # model selection: the validation BCE over observed labels
+        # model selection: the validation BCE over observed labels, or (--selection own) LL's own loss on every
+        # validation label at the final rejection rate, the same for every epoch so that epochs compare
         p = common.predict(model, val.X)
         val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+        losses = dict(val_loss_observed=((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item())
+        own, _ = large_loss_matrix(p, val_bce, ~val.observed, final_rate, args.correction)
+        losses["val_loss_own"] = own.mean().item()
+        val_loss = losses[f"val_loss_{args.selection}"]
         train_loss = (total / n_batches).item()  # host syncs: once an epoch
         if val_loss < best_val_loss:
             best_val_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         share = rejected.item() / max(1, n_batches * batch * train.Y.shape[1])
-        entry = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, rejection_rate=rate.item())
+        entry = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr, rejection_rate=rate.item())
         history.append(dict(entry, rejected_share=share, seconds=time.time() - t0))
         board.log(history[-1])
         print(

@@ -557,10 +557,7 @@ SONYC_CASES = {
         ["group(s) [3] have no coarse presence column"],
     ),
     "a fine tag twice": (
-        lambda t: (
-            [r + [r[t[0].index("1-1_small-sounding-engine_presence")]] for r in t][:1]
-            and [t[0] + ["1-1_small-sounding-engine-again_presence"]] + [r + ["0"] for r in t[1:]]
-        ),
+        lambda t: [t[0] + ["1-1_small-sounding-engine-again_presence"]] + [r + ["0"] for r in t[1:]],
         ["more than one presence column"],
     ),
     "annotator_id inf": (set_cell(1, "annotator_id", "inf"), ["annotator_id is 'inf'"]),

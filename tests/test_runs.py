@@ -591,8 +591,6 @@ def test_gpu_check_arguments(tmp_path):
     def sh(*a):
         return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *a], capture_output=True, text=True)
 
-    assert sh("--help").returncode == 0
-    assert "minutes" in sh("--help").stdout
     assert sh("--bogus").returncode == 2
     if not torch.cuda.is_available():
         p = sh("--python", sys.executable)
