@@ -1,6 +1,20 @@
 """Shared infrastructure of the method scripts: command line and run setup, data, model, metrics, results.
 No loss and no training step: each method script holds its whole method. This file and one method script run
-on their own; openmic.py, sonyc.py and fastpath.py (--fast) are imported only when a run asks for them."""
+on their own (the copy unit); openmic.py, sonyc.py and fastpath.py (--fast) are imported only when a run asks
+for them.
+
+The sections, and why each part lives here:
+- Command line and run setup: the options every script shares, seeding, the device and thread count, the
+  run folder's name, its identity check and its lock (also read by the sweep, which reruns nothing finished
+  and never starts a run in progress), --fast's hook and --tensorboard's writer.
+- Data: the Split/Data every method reads; the synthetic generator (its sizes are also set by
+  benchmarks/synthetic_h5.py, which writes it at OpenMIC's size) and the .h5 reader, both needed by the copy
+  unit; the checks every reader shares (X's layout and values, strings, 0/1 labels).
+- Model: AttentionMIL and batched prediction.
+- Metrics: the paper's F1, its AUPRC, AP, calibration shares; the complete truth where known. A dataset's
+  own metrics (SONYC-UST's DCASE ones) come from its reader through Data.info.
+- Results: versions, atomic writes, metrics.json, model.pt, the test predictions, the closing lines.
+"""
 
 import argparse
 import collections
