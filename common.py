@@ -18,6 +18,7 @@ The sections, and why each part lives here:
 
 import argparse
 import collections
+import difflib
 import fcntl
 import importlib
 import inspect
@@ -176,6 +177,33 @@ def add_run_args(parser):
     return parser
 
 
+# Names users try for an option, and the option they mean (the closest name by spelling comes after these).
+COMMON_SPELLINGS = {
+    "learning-rate": "lr",
+    "learningrate": "lr",
+    "batch": "batch-size",
+    "batchsize": "batch-size",
+    "bs": "batch-size",
+    "epoch": "epochs",
+    "num-epochs": "epochs",
+    "n-epochs": "epochs",
+    "alpha": "ema-decay",
+    "ema": "ema-decay",
+    "beta": "consistency-weight",
+    "n-layers": "layers",
+    "hidden-size": "hidden",
+}
+
+
+def did_you_mean(name, known):
+    """'; did you mean --lr?' for an unknown option name, from its common spellings, else the closest names."""
+    key = name.lstrip("-").replace("_", "-").lower()
+    if f"--{COMMON_SPELLINGS.get(key)}" in known:
+        return f"; did you mean --{COMMON_SPELLINGS[key]}?"
+    close = difflib.get_close_matches(f"--{key}", sorted(known), n=2)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 class RunArgs(argparse.Namespace):
     __slots__ = ("defaults",)  # every option's default for this dataset: a slot, so not in vars(args)
 
@@ -192,7 +220,10 @@ def dataset_file(path):
 def parse_args(parser, table, argv=None):
     """Parse; options left at None take the dataset's Table I row (OpenMIC's for .h5 files). An .h5 path is
     resolved, so that the same file reached from another folder is the same setting."""
-    args = parser.parse_args(argv, namespace=RunArgs())
+    args, unknown = parser.parse_known_args(argv, namespace=RunArgs())
+    if unknown:
+        known = {s for a in parser._actions for s in a.option_strings}
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown[0].split('=')[0], known)}")
     row = table["sonyc" if args.dataset == "sonyc" else "openmic"]
     args.defaults = {a.dest: row.get(a.dest, a.default) for a in parser._actions}
     for key, value in row.items():

@@ -12,7 +12,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import csv
-import difflib
 import hashlib
 import importlib
 import io
@@ -79,33 +78,6 @@ def method_options(method):
     return module, {s for a in module.get_parser()._actions for s in a.option_strings}
 
 
-# Names users try for an option, and the option they mean (the closest name by spelling comes after these).
-COMMON_SPELLINGS = {
-    "learning-rate": "lr",
-    "learningrate": "lr",
-    "batch": "batch-size",
-    "batchsize": "batch-size",
-    "bs": "batch-size",
-    "epoch": "epochs",
-    "num-epochs": "epochs",
-    "n-epochs": "epochs",
-    "alpha": "ema-decay",
-    "ema": "ema-decay",
-    "beta": "consistency-weight",
-    "n-layers": "layers",
-    "hidden-size": "hidden",
-}
-
-
-def did_you_mean(name, known):
-    """'; did you mean --lr?' for an unknown option name, from its common spellings, else the closest names."""
-    key = name.lstrip("-").replace("_", "-").lower()
-    if f"--{COMMON_SPELLINGS.get(key)}" in known:
-        return f"; did you mean --{COMMON_SPELLINGS[key]}?"
-    close = difflib.get_close_matches(f"--{key}", sorted(known), n=2)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
-
-
 def check_options(args, extra, own):
     """Refuse a pass-through or varied option that no chosen method accepts, or that the sweep sets itself."""
     accepted = set().union(*(method_options(m)[1] for m in args.methods))
@@ -117,9 +89,8 @@ def check_options(args, extra, own):
                 f"--threads, --devices, --out, or run the method script directly)"
             )
         if name not in accepted:
-            common.fail(
-                f"{name}: no option of the sweep or of {', '.join(args.methods)}{did_you_mean(name, own | accepted)}"
-            )
+            hint = common.did_you_mean(name, own | accepted)
+            common.fail(f"{name}: no option of the sweep or of {', '.join(args.methods)}{hint}")
     both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
     if both:
         common.fail(f"{sorted(both)[0]} is both varied and passed through; give it once")

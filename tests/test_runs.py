@@ -141,6 +141,12 @@ def test_curves_of_finished_runs_are_drawn_from_metrics_json(tmp_path, h5):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("option, hint", [("--learning_rate", "did you mean --lr?"), ("--batch_size", "--batch-size")])
+def test_an_unknown_option_of_a_script_suggests_the_one_meant(option, hint, tmp_path):
+    p = call("b1.py", option, 3, "--out", tmp_path)
+    assert p.returncode == 2 and "unrecognized arguments" in p.stderr and hint in p.stderr
+
+
 @pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
 def test_a_seed_out_of_range_is_refused_where_it_is_parsed(seed, tmp_path):
     refused(call("b1.py", "--seed", seed, "--out", tmp_path), "--seed", "a seed is a whole number from 0 to")
