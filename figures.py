@@ -1,21 +1,150 @@
-"""Figures: a sweep's Fig. 4 and Fig. 5 of the paper (simulate_missing.py --plot), and the training curves of
-finished runs, drawn from their metrics.json without TensorBoard:
+"""A sweep's tables and figures, and a run's curves:
+- the summary of a sweep (simulate_missing.py): per method, option values and drop rate, the mean and
+  population std over seeds of every metric, as Markdown tables and as summary-<id>.csv / .json;
+- the paper's Fig. 4 and Fig. 5 from that summary (simulate_missing.py --plot);
+- the training curves of finished runs, from their metrics.json, without TensorBoard:
 
     python figures.py curves runs/synthetic__b1__seed0 runs/synthetic__mean_teacher__seed0 --out curves.png
 
-Needs matplotlib, which is optional; imported only where a figure is drawn.
+Figures need matplotlib, which is optional; it is imported only where a figure is drawn.
 """
 
 import argparse
+import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import common
+
 PAPER_NAMES = dict(
     b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT", large_loss="LL", selective="CSL"
 )
+
+
+# The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
+TABLE_KEYS = (
+    "f1_macro",
+    "auprc_macro_masked",
+    "ap_macro_masked",
+    "scored_present_share",
+    "present_share_masked",
+    "f1_macro_full_truth",
+    "ap_macro_full_truth",
+    "present_share_full_truth",
+    "dcase_fine_macro_auprc",
+    "dcase_coarse_macro_auprc",
+    "masked_precision",
+    "masked_recall",
+    "teacher_epoch",
+    "prior_mean_abs_error",
+)
+
+
+def metric_of(m, key):
+    if key in m["test"]:
+        return m["test"][key]
+    if key in m.get("enhancement", {}):
+        return m["enhancement"][key]
+    if key in m.get("selection", {}):
+        return m["selection"][key]
+    part = m.get("teacher", m.get("stage1"))
+    return part["best_epoch"] if key == "teacher_epoch" and part else None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        common.fail(f"cannot read {path}: {e}")
+
+
+def summarize(runs):
+    """Per (method, option values, rate): the seeds, the mean and population std of every metric, and
+    `per_seed`, each scalar test metric of every seed (for the figures)."""
+    groups = {}
+    for r in runs:
+        if (r["folder"] / "metrics.json").is_file():
+            key = (r["method"], tuple(r["values"].items()), r["rate"])
+            groups.setdefault(key, []).append(read_json(r["folder"] / "metrics.json"))
+    rows = []
+    for (method, values, rate), ms in groups.items():
+        row = dict(method=method, **dict(values), rate=rate, seeds=len(ms))
+        scalar = [k for k, v in ms[0]["test"].items() if isinstance(v, (int, float)) or v is None]
+        row["per_seed"] = {
+            k: [metric_of(m, k) for m in ms] for k in scalar + ["teacher_epoch"] if metric_of(ms[0], k) is not None
+        }
+        for key in TABLE_KEYS:
+            v = np.array([metric_of(m, key) for m in ms if metric_of(m, key) is not None], float)
+            if len(v):
+                row[key], row[key + "_std"] = float(v.mean()), float(v.std())
+                if key == "teacher_epoch":
+                    row["teacher_epoch_min"], row["teacher_epoch_max"] = int(v.min()), int(v.max())
+        row["seconds"] = float(np.mean([m["seconds"] for m in ms]))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows, key, rates, vary):
+    rows = [r for r in rows if key in r]
+    if not rows:
+        return ""
+    cell = {(label(r, vary), r["rate"]): r for r in rows}
+    lines = [f"| {key} | " + " | ".join(f"drop {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for name in dict.fromkeys(label(r, vary) for r in rows):
+        vals = []
+        for rate in rates:
+            r = cell.get((name, rate))
+            if r is None:
+                vals.append("–")
+            elif key == "teacher_epoch":  # a count: its range over seeds
+                vals.append(f"{r['teacher_epoch_min']}–{r['teacher_epoch_max']} (n={r['seeds']})")
+            else:
+                vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(args, extra, rows, wall, failed):
+    """Print the tables; write this grid's summary-<id>.csv/.json and the latest as summary.csv/.json.
+    The id hashes the grid, with the dataset file by its resolved path: the same from any folder."""
+    for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
+        table = markdown(rows, key, args.rates, args.vary)
+        if table:
+            print("\n" + table)
+    shares = [
+        f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth") if rows and k in rows[0]
+    ]
+    if shares:  # what scored_present_share compares with: the test labels' own share of positives
+        print(f"\ntest labels: {', '.join(shares)}")
+    dataset = args.dataset if args.dataset in common.DATASETS else str(Path(args.dataset).resolve())
+    grid = dict(dataset=dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds)
+    grid.update(vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
+    summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows)
+    summary["versions"] = common.versions()
+    name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
+    fixed = ["method", *args.vary, "rate", "seeds"]
+    columns = fixed + sorted({k for r in rows for k in r} - set(fixed) - {"per_seed"})
+
+    def write_csv(p):
+        with open(p, "w", newline="") as fh:
+            w = csv.DictWriter(fh, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write_json(p):
+        Path(p).write_text(json.dumps(common.jsonable(summary), indent=1))
+
+    out = Path(args.out)
+    for stem in (name, "summary"):  # this grid's own summary, and a copy as the latest one
+        common.write_atomic(out / f"{stem}.json", write_json)
+        common.write_atomic(out / f"{stem}.csv", write_csv)
+    ran = "" if wall is None else f" | sweep wall time {wall:.0f}s"
+    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest){ran}", flush=True)
+    return summary, name
 
 
 # The axes say what a metric is in the paper's words; the key stays in small print.
@@ -102,6 +231,22 @@ def plot(summary, out, metric=None, suffix=""):
     fig.savefig(Path(out) / f"fig5{suffix}.png", dpi=120)
     plt.close(fig)
     return plotted
+
+
+def plot_sweep(args, summary, name):
+    """--plot: Fig. 4 and Fig. 5 of this sweep, and copies as the latest; without matplotlib, one line."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        common.fail(
+            "--plot needs matplotlib, which is optional: pip install matplotlib "
+            "(the runs and the summary are written; rerun the same sweep to plot)"
+        )
+    tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
+    out = Path(args.out)
+    for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
+        plot(common.jsonable(summary), out, args.metric, suffix)
+    print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 
 
 CURVES = ("train_loss", "val_loss", "lr")  # each run's history holds these every epoch (and a method's own)

@@ -1,8 +1,9 @@
 """Sweeps: seeds, label removal (the paper's Fig. 4 at rate 0 and Fig. 5) and any method option on a grid.
 
 Runs every (method, option values, drop rate, seed) without a finished run, `--jobs` at a time, so an
-interrupted sweep resumes; then prints mean ± population std over seeds, writes the summary and, with
---plot, the figures (figures.py). docs/runs.md tells the rest.
+interrupted sweep resumes and a run in progress elsewhere is left alone; then prints mean ± population std
+over seeds and writes the summary and, with --plot, the figures (figures.py). --dry-run prints the runs'
+commands for a cluster, --collect gathers them without training. docs/runs.md tells the rest.
 
     python simulate_missing.py --rates 0 0.1 0.2 0.4 0.8 --seeds 0 1 2 3 4 --jobs 2 --plot
     python simulate_missing.py --methods b1 mean_teacher --vary lr=0.001,0.005 --seeds 0 1 2 --plot
@@ -11,12 +12,9 @@ interrupted sweep resumes; then prints mean ± population std over seeds, writes
 import argparse
 import concurrent.futures
 import contextlib
-import csv
-import hashlib
 import importlib
 import io
 import itertools
-import json
 import os
 import queue
 import shlex
@@ -25,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -34,30 +31,6 @@ import figures
 METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
-# The summary's metrics, each a mean and a std over seeds, and the tables printed at the end.
-TABLE_KEYS = (
-    "f1_macro",
-    "auprc_macro_masked",
-    "ap_macro_masked",
-    "scored_present_share",
-    "present_share_masked",
-    "f1_macro_full_truth",
-    "ap_macro_full_truth",
-    "present_share_full_truth",
-    "dcase_fine_macro_auprc",
-    "dcase_coarse_macro_auprc",
-    "masked_precision",
-    "masked_recall",
-    "teacher_epoch",
-    "prior_mean_abs_error",
-)
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        common.fail(f"cannot read {path}: {e}")
 
 
 def option_groups(tokens):
@@ -186,63 +159,6 @@ def launch(run, devices, threads):
     return rc
 
 
-def metric_of(m, key):
-    if key in m["test"]:
-        return m["test"][key]
-    if key in m.get("enhancement", {}):
-        return m["enhancement"][key]
-    if key in m.get("selection", {}):
-        return m["selection"][key]
-    part = m.get("teacher", m.get("stage1"))
-    return part["best_epoch"] if key == "teacher_epoch" and part else None
-
-
-def summarize(args, runs):
-    """Per (method, option values, rate): the seeds, the mean and population std of every metric, and
-    `per_seed`, each scalar test metric of every seed (for the figures)."""
-    groups = {}
-    for r in runs:
-        if (r["folder"] / "metrics.json").is_file():
-            key = (r["method"], tuple(r["values"].items()), r["rate"])
-            groups.setdefault(key, []).append(read_json(r["folder"] / "metrics.json"))
-    rows = []
-    for (method, values, rate), ms in groups.items():
-        row = dict(method=method, **dict(values), rate=rate, seeds=len(ms))
-        scalar = [k for k, v in ms[0]["test"].items() if isinstance(v, (int, float)) or v is None]
-        row["per_seed"] = {
-            k: [metric_of(m, k) for m in ms] for k in scalar + ["teacher_epoch"] if metric_of(ms[0], k) is not None
-        }
-        for key in TABLE_KEYS:
-            v = np.array([metric_of(m, key) for m in ms if metric_of(m, key) is not None], float)
-            if len(v):
-                row[key], row[key + "_std"] = float(v.mean()), float(v.std())
-                if key == "teacher_epoch":
-                    row["teacher_epoch_min"], row["teacher_epoch_max"] = int(v.min()), int(v.max())
-        row["seconds"] = float(np.mean([m["seconds"] for m in ms]))
-        rows.append(row)
-    return rows
-
-
-def markdown(rows, key, rates, vary):
-    rows = [r for r in rows if key in r]
-    if not rows:
-        return ""
-    cell = {(figures.label(r, vary), r["rate"]): r for r in rows}
-    lines = [f"| {key} | " + " | ".join(f"drop {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
-    for name in dict.fromkeys(figures.label(r, vary) for r in rows):
-        vals = []
-        for rate in rates:
-            r = cell.get((name, rate))
-            if r is None:
-                vals.append("–")
-            elif key == "teacher_epoch":  # a count: its range over seeds
-                vals.append(f"{r['teacher_epoch_min']}–{r['teacher_epoch_max']} (n={r['seeds']})")
-            else:
-                vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})")
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
 def get_parser():
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -352,60 +268,6 @@ def run_pending(args, todo):
     return failed, wall
 
 
-def write_summary(args, extra, rows, wall, failed):
-    """Print the tables; write this grid's summary-<id>.csv/.json and the latest as summary.csv/.json.
-    The id hashes the grid, with the dataset file by its resolved path: the same from any folder."""
-    for key in [k for k in TABLE_KEYS if not k.startswith("present_share")]:
-        table = markdown(rows, key, args.rates, args.vary)
-        if table:
-            print("\n" + table)
-    shares = [
-        f"{k} {rows[0][k]:.3f}" for k in ("present_share_masked", "present_share_full_truth") if rows and k in rows[0]
-    ]
-    if shares:  # what scored_present_share compares with: the test labels' own share of positives
-        print(f"\ntest labels: {', '.join(shares)}")
-    dataset = args.dataset if args.dataset in common.DATASETS else str(Path(args.dataset).resolve())
-    grid = dict(dataset=dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds)
-    grid.update(vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
-    summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows)
-    summary["versions"] = common.versions()
-    name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]
-    fixed = ["method", *args.vary, "rate", "seeds"]
-    columns = fixed + sorted({k for r in rows for k in r} - set(fixed) - {"per_seed"})
-
-    def write_csv(p):
-        with open(p, "w", newline="") as fh:
-            w = csv.DictWriter(fh, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-    def write_json(p):
-        Path(p).write_text(json.dumps(common.jsonable(summary), indent=1))
-
-    out = Path(args.out)
-    for stem in (name, "summary"):  # this grid's own summary, and a copy as the latest one
-        common.write_atomic(out / f"{stem}.json", write_json)
-        common.write_atomic(out / f"{stem}.csv", write_csv)
-    ran = "" if wall is None else f" | sweep wall time {wall:.0f}s"
-    print(f"\nwrote {out}/{name}.csv and .json (also as summary.csv and .json, the latest){ran}", flush=True)
-    return summary, name
-
-
-def plot(args, summary, name):
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        common.fail(
-            "--plot needs matplotlib, which is optional: pip install matplotlib "
-            "(the runs and the summary are written; rerun the same sweep to plot)"
-        )
-    tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
-    out = Path(args.out)
-    for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
-        figures.plot(common.jsonable(summary), out, args.metric, suffix)
-    print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
-
-
 def main():
     parser = get_parser()
     args, extra = parser.parse_known_args()
@@ -445,16 +307,16 @@ def main():
         failed, wall = run_pending(args, todo)
         todo = [r for r in todo if not (r["folder"] / "metrics.json").is_file()]
 
-    rows = summarize(args, runs)
+    rows = figures.summarize(runs)
     if args.plot and args.metric and not any(args.metric in r["per_seed"] for r in rows):
         common.fail(
             f"--metric {args.metric}: no run of this sweep has it; choose from "
             f"{common.show(sorted({k for r in rows for k in r['per_seed']}), 200)}"
         )
     if rows:
-        summary, name = write_summary(args, extra, rows, wall, failed)
+        summary, name = figures.write_summary(args, extra, rows, wall, failed)
         if args.plot:
-            plot(args, summary, name)
+            figures.plot_sweep(args, summary, name)
     for r in running:
         print(f"running elsewhere: {r['folder']} ({common.run_in_progress(r['folder']) or 'it has just ended'})")
     for r in todo:
