@@ -39,12 +39,16 @@ TABLE_KEYS = (
     "dcase_coarse_macro_auprc",
     "masked_precision",
     "masked_recall",
+    "best_epoch",
     "teacher_epoch",
     "prior_mean_abs_error",
 )
 
 
 def metric_of(m, key):
+    """A summary's metric of one run: a test metric, or what a method records of its own stages."""
+    if key == "best_epoch":
+        return m["best_epoch"]
     if key in m["test"]:
         return m["test"][key]
     if key in m.get("enhancement", {}):
@@ -81,8 +85,8 @@ def summarize(runs):
             v = np.array([metric_of(m, key) for m in ms if metric_of(m, key) is not None], float)
             if len(v):
                 row[key], row[key + "_std"] = float(v.mean()), float(v.std())
-                if key == "teacher_epoch":
-                    row["teacher_epoch_min"], row["teacher_epoch_max"] = int(v.min()), int(v.max())
+                if key in ("teacher_epoch", "best_epoch"):
+                    row[f"{key}_min"], row[f"{key}_max"] = int(v.min()), int(v.max())
         row["seconds"] = float(np.mean([m["seconds"] for m in ms]))
         rows.append(row)
     return rows
@@ -100,8 +104,8 @@ def markdown(rows, key, rates, vary):
             r = cell.get((name, rate))
             if r is None:
                 vals.append("–")
-            elif key == "teacher_epoch":  # a count: its range over seeds
-                vals.append(f"{r['teacher_epoch_min']}–{r['teacher_epoch_max']} (n={r['seeds']})")
+            elif key in ("teacher_epoch", "best_epoch"):  # a count: its range over seeds
+                vals.append(f"{r[key + '_min']}–{r[key + '_max']} (n={r['seeds']})")
             else:
                 vals.append(f"{r[key]:.3f} ± {r[key + '_std']:.3f} (n={r['seeds']})")
         lines.append(f"| {name} | " + " | ".join(vals) + " |")

@@ -324,11 +324,8 @@ def main():
     if failed:
         common.fail(f"{failed} run(s) failed; their logs are in {Path(args.out) / 'logs'}")
     if todo or running:
-        print(
-            f"incomplete: {len(todo)} missing, {len(running)} still running; the summary holds the {len(rows)} "
-            f"finished group(s)",
-            file=sys.stderr,
-        )
+        held = f"the summary holds the {len(rows)} finished group(s)" if rows else "no run has finished: no summary"
+        print(f"incomplete: {len(todo)} missing, {len(running)} still running; {held}", file=sys.stderr)
         sys.exit(1)
 
 
