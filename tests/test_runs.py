@@ -216,6 +216,19 @@ def test_bad_options_stop_before_any_data_is_read(args, words, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_gpu_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """The driver counts a GPU that CUDA cannot start (busy, out of memory, a driver mismatch)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def cannot_start(device):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "set_device", cannot_start)
+    err = refused(call("b1.py", "--device", "cuda", "--out", tmp_path / "out"), "--device cuda: CUDA could not start")
+    assert len(err.strip().splitlines()) == 1 and "busy or unavailable" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_below_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     refused(call("b1.py", "--out", tmp_path / "file" / "runs"), str(tmp_path / "file"))
