@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import common
-from tests.conftest import METHODS, ROOT, call, load, metrics_of, ok, refused, run, run_dirs, write_h5
+from tests.conftest import METHODS, ROOT, call, load, metrics_of, ok, on_cpu, refused, run, run_dirs, write_h5
 
 #####  Run folders and identity  ###########################################################################
 
@@ -175,7 +175,7 @@ def test_fast_on_cpu_says_so_and_runs_the_same_eager_run(tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_a_stopped_run_leaves_no_metrics(sig, code, tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "b1.py"), "--epochs", "100", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "b1.py"), *on_cpu("b1.py", ["--epochs", 100, "--out", tmp_path])],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
