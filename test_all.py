@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-from tests.conftest import METHODS, ok, run
+from tests.conftest import METHODS, in_parallel, ok, run
 
 PRIMARY = dict(
     b0="model",
@@ -32,11 +32,8 @@ PRIMARY = dict(
 def runs(tmp_path_factory):
     """Every method, 2 epochs, in its own process; returns {method: (process, run folder)}."""
     out = tmp_path_factory.mktemp("runs")
-    done = {}
-    for method in METHODS:
-        p = ok(run(f"{method}.py", "--epochs", 2, "--out", out / method))
-        done[method] = (p, out / method / f"synthetic__{method}__seed0__epochs2")
-    return done
+    processes = in_parallel(lambda method: ok(run(f"{method}.py", "--epochs", 2, "--out", out / method)), METHODS)
+    return {m: (p, out / m / f"synthetic__{m}__seed0__epochs2") for m, p in zip(METHODS, processes)}
 
 
 @pytest.mark.parametrize("method", METHODS)

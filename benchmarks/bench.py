@@ -106,7 +106,8 @@ def main():
     args = p.parse_args()
 
     device = torch.device(args.device)
-    print(f"device: {common.device_name(device)} | torch {torch.__version__} | python {sys.version.split()[0]}")
+    python = sys.version.split()[0]
+    print(f"device: {device}, {args.threads} thread(s) a run | torch {torch.__version__} | python {python}")
     rows, per_epoch, failures = [], {}, 0
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shape:

@@ -1,6 +1,7 @@
 """Shared helpers and fixtures: running a script as a user would (on the CPU), and the small datasets of
 benchmarks/fixtures.py, one per test."""
 
+import concurrent.futures
 import contextlib
 import importlib
 import io
@@ -61,6 +62,13 @@ def run(script, *args, timeout=300, cwd=ROOT, env=None):
         env=env,
         cwd=cwd,
     )
+
+
+def in_parallel(function, items, jobs=2):
+    """function(item) for every item, `jobs` at a time (the machine's 2 cores), in order: for tests whose
+    subject is a process of its own."""
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(function, items))
 
 
 def call(script, *args):

@@ -17,7 +17,20 @@ import pytest
 import torch
 
 import common
-from tests.conftest import METHODS, ROOT, call, load, metrics_of, ok, on_cpu, refused, run, run_dirs, write_h5
+from tests.conftest import (
+    METHODS,
+    ROOT,
+    call,
+    in_parallel,
+    load,
+    metrics_of,
+    ok,
+    on_cpu,
+    refused,
+    run,
+    run_dirs,
+    write_h5,
+)
 
 #####  Run folders and identity  ###########################################################################
 
@@ -158,8 +171,7 @@ def test_same_seed_same_metrics_on_cpu_in_separate_processes(tmp_path):
             e.pop("seconds")
         return m["history"], m["test"]
 
-    ok(run("b1.py", "--epochs", 2, "--out", tmp_path / "a"))
-    ok(run("b1.py", "--epochs", 2, "--out", tmp_path / "b"))
+    in_parallel(lambda name: ok(run("b1.py", "--epochs", 2, "--out", tmp_path / name)), ["a", "b"])
     assert strip(metrics_of(tmp_path / "a")) == strip(metrics_of(tmp_path / "b"))
     ok(call("b1.py", "--epochs", 2, "--out", tmp_path / "c", "--seed", 1))
     assert strip(metrics_of(tmp_path / "c"))[0] != strip(metrics_of(tmp_path / "a"))[0]
@@ -334,7 +346,7 @@ def test_predict_names_the_file_it_cannot_write(trained, tmp_path):
 # would: on the synthetic data, on a .h5 file, and with --dataset openmic, whose file was not copied.
 ALONE = """import runpy, sys
 for argv in (["--epochs", "1"], ["--epochs", "1", "--dataset", "mine.h5"], ["--dataset", "openmic"]):
-    sys.argv = ["{method}.py", "--out", "runs", *argv]
+    sys.argv = ["{method}.py", "--out", "runs", "--device", "cpu", *argv]
     try:
         runpy.run_path("{method}.py", run_name="__main__")
     except SystemExit as e:
@@ -344,19 +356,30 @@ print("imported from", sorted({{m: getattr(mod, "__file__", "") for m, mod in sy
 """
 
 
+@pytest.fixture(scope="module")
+def copied_alone(tmp_path_factory):
+    """Each method script with common.py alone in a folder, run there (2 at a time); {method: (folder, process)}."""
+
+    def run_alone(method):
+        folder = tmp_path_factory.mktemp(method)
+        shutil.copy(ROOT / "common.py", folder)
+        shutil.copy(ROOT / f"{method}.py", folder)
+        write_h5(folder / "mine.h5")
+        return folder, subprocess.run(
+            [sys.executable, "-c", ALONE.format(method=method)],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            env=dict(os.environ, PYTHONPATH=""),
+            timeout=300,
+        )
+
+    return dict(zip(METHODS, in_parallel(run_alone, METHODS)))
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_common_and_one_method_script_run_alone(method, tmp_path):
-    shutil.copy(ROOT / "common.py", tmp_path)
-    shutil.copy(ROOT / f"{method}.py", tmp_path)
-    write_h5(tmp_path / "mine.h5")
-    p = subprocess.run(
-        [sys.executable, "-c", ALONE.format(method=method)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ, PYTHONPATH=""),
-        timeout=300,
-    )
+def test_common_and_one_method_script_run_alone(method, copied_alone):
+    tmp_path, p = copied_alone[method]
     assert len(run_dirs(tmp_path / "runs")) == 2, p.stdout + p.stderr
     assert p.stdout.count("exit") == 1
     assert "exit 2" in p.stdout
@@ -508,7 +531,8 @@ def test_sweep_varies_any_option_and_tables_it(tmp_path):
 
 
 def test_an_option_of_some_methods_reaches_only_those(tmp_path):
-    ok(call("simulate_missing.py", *sweep(tmp_path, "--seeds", 0, "--ema-decay", 0.99, methods=("b1", "mean_teacher"))))
+    grid = sweep(tmp_path, "--seeds", 0, "--ema-decay", 0.99, "--jobs", 2, methods=("b1", "mean_teacher"))
+    ok(call("simulate_missing.py", *grid))
     assert sorted(p.name for p in run_dirs(tmp_path / "o")) == [
         "mine__b1__seed0__epochs1",
         "mine__mean_teacher__seed0__epochs1__ema-decay0.99",
