@@ -1,9 +1,9 @@
-"""Large loss rejection and correction (Kim, Kim, Akata & Lee, CVPR 2022, Sec. 3.2).
+"""Large loss rejection and correction (Kim, Kim, Akata & Lee, CVPR 2022; its Fig. 2 and method section).
 
 Missing labels start as negatives, as in B0. The model learns the clean labels first and memorises the
 wrong ones later, and a missing label that is in truth positive has a large loss. So in every batch the
-missing labels with the largest loss are rejected from the loss (LL-R, Eq. 4: lambda = 0) or temporarily
-taken as positives (LL-Ct, Eq. 5), at a rate that grows with the epoch. With p the probability, y the
+missing labels with the largest loss are rejected from the loss (LL-R: their weight lambda = 0) or temporarily
+taken as positives (LL-Ct: the label flipped), at a rate that grows with the epoch. With p the probability, y the
 label (0 where missing), M = 1 where the label is observed and R the rejected set:
 
     R     = the ceil(rate_e * B * C) missing labels (M = 0) of the batch with the largest BCE(p, 0)
@@ -39,10 +39,10 @@ import common
 
 # Table I of the paper: the defaults per dataset (synthetic data and .h5 files use the OpenMIC row).
 TABLE_I = {"openmic": dict(layers=3, hidden=128, dropout=0.6), "sonyc": dict(layers=1, hidden=512, dropout=0.6)}
-PAPER_EPOCHS = 10  # the training length delta_rel was set for (Kim et al., Sec. 4.1: 10 epochs)
+PAPER_EPOCHS = 10  # the training length delta_rel was set for (the official code's default --num_epochs)
 
 
-# ALGO LOGIC: which missing labels have a large loss (Sec. 3.2), without a host sync
+# ALGO LOGIC: which missing labels have a large loss, without a host sync
 def large_loss_labels(loss, missing, rate):
     """loss, missing (B, C); rate a 0-dim tensor. The ceil(rate * B * C) missing labels with the largest
     loss (ties at the threshold included, as in the official code); bool (B, C). Fixed shapes throughout:
@@ -56,7 +56,7 @@ def large_loss_labels(loss, missing, rate):
 
 def large_loss_matrix(p, bce, missing, rate, correction):
     """The loss per label (B, C): B0's BCE, except for the large-loss missing labels, which leave the loss
-    (Eq. 4, LL-R) or are taken as positives (Eq. 5, LL-Ct: BCE(p, 1)); and those labels, bool (B, C)."""
+    (LL-R) or are taken as positives (LL-Ct: BCE(p, 1)); and those labels, bool (B, C)."""
     large = large_loss_labels(bce.detach(), missing, rate)
     if correction:
         replaced = F.binary_cross_entropy(p, torch.ones_like(p), reduction="none")

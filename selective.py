@@ -1,13 +1,14 @@
 """Class-aware selective loss (Ben-Baruch, Ridnik, Ben-Cohen, Zamir, Noy, Friedman & Zelnik-Manor, CVPR 2022).
 
-Each missing label is either ignored or taken as a negative, and the choice is made twice (Sec. 3.3):
-- per class, from an estimated class prior (Sec. 3.4): a temporary model trained on the observed labels only
-  (that is B1) scores the training clips; the prior P_c is its mean score for class c. In a class with
-  P_c > prior_threshold a missing label is likely enough to be positive to be ignored; elsewhere it is a
-  negative;
-- per label, from the model's own likelihood (Sec. 3.3): in every batch, the likelihood_topk * B missing
+Each missing label is either ignored or taken as a negative, and the choice is made twice (the paper's
+Selective approach, its Fig. 3):
+- per class, from an estimated class prior (its class distribution estimation): a temporary model trained
+  on the observed labels only (that is B1) scores the training clips; the prior P_c is its mean score for
+  class c. In a class with P_c > prior_threshold a missing label is likely enough to be positive to be
+  ignored; elsewhere it is a negative;
+- per label, from the model's own likelihood: in every batch, the likelihood_topk * B missing
   labels that the model scores highest are ignored as well.
-The labels kept are weighted by the partial asymmetric loss (Sec. 3.2, Eq. 3), with p the probability:
+The labels kept enter the partial asymmetric loss (P-ASL), with p the probability:
 
     positive:            L+ = -(1 - p)^gamma_pos   log(p)
     observed negative:   L- = -p^gamma_neg         log(1 - p)
@@ -36,7 +37,7 @@ import common
 TABLE_I = {"openmic": dict(layers=3, hidden=128, dropout=0.6), "sonyc": dict(layers=1, hidden=512, dropout=0.6)}
 
 
-# ALGO LOGIC: the selective weights (Sec. 3.3) and the partial asymmetric loss (Sec. 3.2)
+# ALGO LOGIC: the selective weights and the partial asymmetric loss (P-ASL)
 def selective_weights(p, observed, ignored_class, likelihood_topk):
     """p, observed (B, C); ignored_class (C,) bool. 1 for a label that enters the loss, 0 for an ignored
     missing label: every missing label of an ignored class, and the likelihood_topk * B missing labels of
@@ -51,7 +52,7 @@ def selective_weights(p, observed, ignored_class, likelihood_topk):
 
 
 def partial_asymmetric_loss(p, y, observed, weights, gamma_pos, gamma_neg, gamma_unann):
-    """Eq. (3) per label (B, C): positives, observed negatives and missing labels taken as negatives, each
+    """P-ASL per label (B, C): positives, observed negatives and missing labels taken as negatives, each
     with its own focusing exponent; the weights (1 - p)^gamma and p^gamma are constants (no gradient)."""
     positive = observed & (y > 0.5)
     log_p, log_not_p = torch.log(p.clamp(min=1e-8)), torch.log((1 - p).clamp(min=1e-8))
@@ -174,7 +175,7 @@ def main():
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
 
-    # ALGO LOGIC: stage 1, the prior model: B1's masked BCE over the observed labels (Sec. 3.4)
+    # ALGO LOGIC: stage 1, the prior model: B1's masked BCE over the observed labels (the paper's Ignore mode)
     def masked_bce(p, y, observed):
         bce = F.binary_cross_entropy(p, y, reduction="none")
         return (bce * observed).sum() / observed.sum().clamp(min=1)
