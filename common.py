@@ -593,20 +593,16 @@ def compact(X, path, first_row=0, total_rows=None):
     """X checked (rank, dtype, sizes, finite and not huge), in the width it keeps: uint8, float16 or float32.
     A refusal names the file, the dataset and the first bad row (numbered from first_row, of total_rows)."""
     check_x_layout(X.shape, X.dtype, path)
-    if X.dtype in (np.uint8, np.float16):
-        out = X
-    else:
-        out = X.astype(np.float32, copy=False)
-    if out.dtype.kind != "f":
-        return out
-    bad = bad_rows(X)
+    bad = [] if X.dtype == np.uint8 else bad_rows(X)  # checked before the cast, in float64
     if bad:
         total = len(X) if total_rows is None else total_rows
         fail(
             f"{path}: X has NaN, inf or values beyond ±{MAX_INPUT:g} in row {first_row + bad[0]} "
             f"({len(bad)} bad row(s) here, of {total}; stored as {X.dtype}); rescale X or drop those clips"
         )
-    return out
+    if X.dtype in (np.uint8, np.float16):
+        return X
+    return X.astype(np.float32, copy=False)
 
 
 def strings(values, path, name, unique=False):
