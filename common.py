@@ -359,7 +359,7 @@ def run_in_progress(folder):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fh, fcntl.LOCK_UN)
     except BlockingIOError:
-        return path.read_text().strip() or "another process"
+        return path.read_text(errors="replace").strip()[:200] or "another process"
     except OSError:
         return None
     return None

@@ -268,10 +268,13 @@ def curves(folders, out):
     for folder in folders:
         path = Path(folder) / "metrics.json"
         try:
-            runs[Path(folder).name] = json.loads(path.read_text())["history"]
+            history = json.loads(path.read_text())["history"]
+            if not isinstance(history, list) or not all(isinstance(e, dict) and "epoch" in e for e in history):
+                raise ValueError("'history' is not a list of epochs")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"error: cannot read the history in {path}: {e}", file=sys.stderr)
+            print(f"error: cannot read the history in {path}: {common.show(str(e), 150)}", file=sys.stderr)
             sys.exit(2)
+        runs[Path(folder).name] = history
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
     for ax, key in zip(axes, CURVES):
         for name, history in runs.items():

@@ -154,6 +154,13 @@ def test_curves_of_finished_runs_are_drawn_from_metrics_json(tmp_path, h5):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("content", [b"\x89\xab raw bytes", b'{"history": "abc"}', b"[1, 2]"])
+def test_curves_refuse_a_damaged_metrics_json_in_one_line(content, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_bytes(content)
+    refused(run("figures.py", "curves", tmp_path / "run", "--out", tmp_path / "c.png"), "cannot read the history")
+
+
 @pytest.mark.parametrize("option, hint", [("--learning_rate", "did you mean --lr?"), ("--batch_size", "--batch-size")])
 def test_an_unknown_option_of_a_script_suggests_the_one_meant(option, hint, tmp_path):
     p = call("b1.py", option, 3, "--out", tmp_path)
