@@ -252,6 +252,18 @@ def device_count(kind):
     return 0
 
 
+def parse_device(name, option="--device"):
+    """A device name as a torch.device this machine has, without starting it; else one line."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        fail(f"{option} {name}: {e}")
+    count = device_count(device.type)
+    if (device.index or 0) >= count:
+        fail(f"{option} {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
+    return device
+
+
 def get_device(name=None, threads=DEFAULT_THREADS):
     """The device (cuda if none is named and one is there, else cpu), started and made current before any data
     is read: --fast's graph lives there. Any failure of the device to start is one line."""
@@ -260,13 +272,7 @@ def get_device(name=None, threads=DEFAULT_THREADS):
         warn(f"--threads {threads} is more than this machine's {os.cpu_count()} cores: slower, not faster")
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        fail(f"--device {name}: {e}")
-    count = device_count(device.type)
-    if (device.index or 0) >= count:
-        fail(f"--device {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
+    device = parse_device(name)
     if device.type == "cuda":
         try:  # a GPU that the driver counts may still fail to start (busy, wrong driver, out of memory)
             torch.cuda.set_device(device)

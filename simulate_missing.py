@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import common
 import figures
 
@@ -131,17 +129,6 @@ def command(run, threads, device):
     return cmd
 
 
-def check_device(name, option):
-    """An unavailable device stops the sweep before any run; CUDA itself starts in each run."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        common.fail(f"{option} {name}: {e}")
-    count = common.device_count(device.type)
-    if (device.index or 0) >= count:
-        common.fail(f"{option} {name}: this machine has {count} {device.type} device(s) for torch {torch.__version__}")
-
-
 def launch(run, devices, threads):
     device = devices.get()  # one of the --jobs slots, each pinned to a device
     log = run["folder"].parent / "logs" / (run["folder"].name + ".log")
@@ -211,8 +198,7 @@ def get_parser():
     p.add_argument(
         "--devices",
         nargs="+",
-        help="devices to spread the runs over, e.g. cuda:0 cuda:1; each run is "
-        "pinned to one (default: each script's own choice)",
+        help="devices to spread the runs over, e.g. cuda:0 cuda:1, each run pinned to one (default: the scripts' own)",
     )
     p.add_argument(
         "--dry-run",
@@ -229,8 +215,8 @@ def get_parser():
     p.add_argument("--plot", action="store_true", help="also draw Fig. 4 and Fig. 5 (needs matplotlib)")
     p.add_argument(
         "--metric",
-        help="the metric of both figures (default: the paper's: Fig. 4 f1_macro, on "
-        "SONYC-UST auprc_macro_masked; Fig. 5 auprc_macro_masked)",
+        help="the metric of both figures (default: the paper's: Fig. 4 f1_macro, on SONYC-UST auprc_macro_masked; "
+        "Fig. 5 auprc_macro_masked)",
     )
     p.add_argument("--out", default="runs", help="folder for the runs, logs, summaries and figures (default: runs)")
     return p
@@ -281,7 +267,7 @@ def main():
     if not (args.dry_run or args.collect):  # elsewhere, each run checks its device where it starts
         passed = [tokens[-1].split("=")[-1] for name, tokens in option_groups(extra) if name == "--device"]
         for device in args.devices or passed:
-            check_device(device, "--devices" if args.devices else "--device")
+            common.parse_device(device, "--devices" if args.devices else "--device")  # CUDA starts in each run
         if args.threads * args.jobs > (os.cpu_count() or 1):
             common.warn(
                 f"--threads {args.threads} x --jobs {args.jobs} is more than this machine's {os.cpu_count()} "
