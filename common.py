@@ -1,33 +1,31 @@
 """Shared infrastructure of the method scripts: command line and run setup, data, model, metrics, results.
 No loss and no training step: each method script holds its whole method. This file and one method script run
-on their own (the copy unit); openmic.py, sonyc.py and fastpath.py (--fast) are imported only when a run asks
-for them.
+on their own, on any OS (the copy unit); the repository's other modules are imported only when a run asks for
+them: openmic.py, sonyc.py and audioset.py (their datasets), fastpath.py (--fast), runcheck.py (run locks,
+identity checks and spelling hints, for sweeps and clusters) and h5guard.py (the .h5 reader's guard against damaged
+files). A copy without runcheck.py or h5guard.py runs without those, and says so where it matters.
 
-The sections, and why each part lives here:
+The sections, one concern each:
 - Command line and run setup: the options every script shares, seeding, the device and thread count, the
-  run folder's name, its identity check and its lock (also read by the sweep, which reruns nothing finished
-  and never starts a run in progress), --fast's hook and --tensorboard's writer.
+  run folder (its name, and runcheck.py's checks where that file is here), --fast's hook and --tensorboard's writer.
 - Data: the Split/Data every method reads; the synthetic generator (its sizes are also set by
-  benchmarks/synthetic_h5.py, which writes it at OpenMIC's size) and the .h5 reader, both needed by the copy
-  unit; the checks every reader shares (X's layout and values, strings, 0/1 labels).
+  benchmarks/synthetic_h5.py) and the .h5 reader, both needed by the copy unit; the label options every reader
+  shares (--drop-rate, --positive-only); the checks every reader shares (X's layout and values, strings, 0/1
+  labels). Labels stay compact (bool) on the device: the scripts cast a batch at a time.
 - Model: AttentionMIL and batched prediction.
 - Metrics: the paper's F1, its AUPRC, AP, calibration shares; the complete truth where known. A dataset's
-  own metrics (SONYC-UST's DCASE ones) come from its reader through Data.info.
+  own metrics (SONYC-UST's DCASE ones, AudioSet's mAP) come from its reader through Data.info.
 - Results: versions, atomic writes, metrics.json, model.pt, the test predictions, the closing lines.
 """
 
 import argparse
 import collections
-import difflib
-import fcntl
 import importlib
-import inspect
 import json
 import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,13 +76,23 @@ def main_guard(main):
 
 
 def optional_module(name, needed_for):
-    """openmic, sonyc or fastpath, imported on first use; a missing file is named in one line."""
+    """openmic, sonyc, audioset or fastpath, imported on first use; a missing file is named in one line."""
+    module = extra_module(name)
+    if module is None:
+        fail(f"{needed_for} needs {name}.py beside common.py; copy it from the missing-labels repository")
+    return module
+
+
+def extra_module(name):
+    """A module of the repository that a copy of this file may lack (runcheck.py, h5guard.py): it, or None. A
+    folder of that name (which Python would import as an empty namespace package) is not it."""
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
-        fail(f"{needed_for} needs {name}.py beside common.py; copy it from the missing-labels repository")
+        return None
+    return module if getattr(module, "__file__", None) else None
 
 
 #####  Command line and run setup  #################################################################
@@ -92,10 +100,12 @@ def optional_module(name, needed_for):
 DATASETS = ("synthetic", "openmic", "sonyc")
 DROP_SEED = 1234  # --drop-rate's own seed: every method and training seed sees the same reduced labels
 MAX_SEED = 2**32 - 1  # numpy's seeds end there
-# Options that cannot change a result: neither in a run's name nor compared when a finished run is found.
+# Options that say where and how a run is made, not what it learns: neither in a run's name nor compared when a
+# finished run is found. The device, the thread count and --fast round float sums in another order, so they
+# can move a result in its last digits (docs/runs.md); the others change nothing.
 NOT_IDENTITY = ("out", "device", "threads", "fast", "data_dir", "tensorboard")
-# The CPU threads of a run. One thread loses about a fifth on an idle 2-core machine and nothing beside a busy
-# process, where torch's default (every core) takes twice as long (docs/runs.md, benchmarks/threads.py).
+# The CPU threads of a run: one, whose cost idle and gain beside a busy process docs/runs.md measures
+# (benchmarks/threads.py).
 DEFAULT_THREADS = 1
 
 
@@ -177,33 +187,6 @@ def add_run_args(parser):
     return parser
 
 
-# Names users try for an option, and the option they mean (the closest name by spelling comes after these).
-COMMON_SPELLINGS = {
-    "learning-rate": "lr",
-    "learningrate": "lr",
-    "batch": "batch-size",
-    "batchsize": "batch-size",
-    "bs": "batch-size",
-    "epoch": "epochs",
-    "num-epochs": "epochs",
-    "n-epochs": "epochs",
-    "alpha": "ema-decay",
-    "ema": "ema-decay",
-    "beta": "consistency-weight",
-    "n-layers": "layers",
-    "hidden-size": "hidden",
-}
-
-
-def did_you_mean(name, known):
-    """'; did you mean --lr?' for an unknown option name, from its common spellings, else the closest names."""
-    key = name.lstrip("-").replace("_", "-").lower()
-    if f"--{COMMON_SPELLINGS.get(key)}" in known:
-        return f"; did you mean --{COMMON_SPELLINGS[key]}?"
-    close = difflib.get_close_matches(f"--{key}", sorted(known), n=2)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
-
-
 class RunArgs(argparse.Namespace):
     __slots__ = ("defaults",)  # every option's default for this dataset: a slot, so not in vars(args)
 
@@ -223,7 +206,9 @@ def parse_args(parser, table, argv=None):
     args, unknown = parser.parse_known_args(argv, namespace=RunArgs())
     if unknown:
         known = {s for a in parser._actions for s in a.option_strings}
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown[0].split('=')[0], known)}")
+        runcheck = extra_module("runcheck")  # spelling hints, where runcheck.py is beside this file
+        hint = runcheck.did_you_mean(unknown[0].split("=")[0], known) if runcheck else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     row = table["sonyc" if args.dataset == "sonyc" else "openmic"]
     args.defaults = {a.dest: row.get(a.dest, a.default) for a in parser._actions}
     for key, value in row.items():
@@ -314,23 +299,6 @@ def run_name(args, method):
     return name
 
 
-def config_diff(recorded, requested, defaults):
-    """What differs between a finished run's arguments and a requested run's, ignoring NOT_IDENTITY; '' when
-    they match. An option one of them lacks (a run made before the option existed) counts at its default;
-    dataset_file is compared only when both record it."""
-    a = json.loads(json.dumps(jsonable(dict(recorded))))
-    b = json.loads(json.dumps(jsonable(dict(requested))))
-    defaults = json.loads(json.dumps(jsonable(dict(defaults))))
-    differences = []
-    for key in sorted((set(a) | set(b)) - set(NOT_IDENTITY)):
-        if key == "dataset_file" and not (key in a and key in b):
-            continue
-        old, new = a.get(key, defaults.get(key, "(unset)")), b.get(key, defaults.get(key, "(unset)"))
-        if old != new:
-            differences.append(f"--{key.replace('_', '-')} {old} -> {new}")
-    return ", ".join(differences)
-
-
 def check_writable(out):
     """Fail before any training unless a file can be made in `out`'s nearest existing folder."""
     p = Path(out).absolute()
@@ -342,66 +310,30 @@ def check_writable(out):
         fail(f"--out {out}: cannot write there ({e})")
 
 
-def finished_run_diff(folder, args):
-    """'' when `folder` holds a finished run made with `args`' settings, else what differs."""
-    try:
-        recorded = json.loads((folder / "metrics.json").read_text()).get("args", {})
-        return config_diff(recorded, vars(args), args.defaults)
-    except (OSError, ValueError, AttributeError) as e:
-        return f"unreadable: {e}"
-
-
-LOCK_NAME = "running.lock"
-_claimed = {}  # the run folder this process is making: its lock file, held open, and the folders it created
-
-
-def run_in_progress(folder):
-    """Who is making the run in `folder` now ('host pid N'), or None: its lock file is locked by a live process."""
-    path = Path(folder) / LOCK_NAME
-    if not path.is_file():
-        return None
-    try:
-        with open(path, "r+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    except BlockingIOError:
-        return path.read_text(errors="replace").strip()[:200] or "another process"
-    except OSError:
-        return None
-    return None
+_claimed = {}  # the run folder this process is making, and the folders it created for it
 
 
 def claim_run_dir(args, method):
-    """The run's folder, checked and locked before training: writable; a finished run is replaced only with its
-    settings; a run that another process is making now is never started twice (running.lock, held until the
-    run is written or this process ends)."""
+    """The run's folder, made before training: writable, and with runcheck.py beside this file (the repository)
+    checked and locked: a finished run is replaced only with its own settings, and a run that another process
+    is making now is never started twice. A copy of this file without runcheck.py makes the folder alone."""
     folder = Path(args.out) / run_name(args, method)
     check_writable(args.out)
-    replaces = (folder / "metrics.json").is_file()
-    if replaces:
-        diff = finished_run_diff(folder, args)
-        if diff:
-            fail(
-                f"{folder} holds a finished run made with other settings ({diff}); "
-                f"use another --out, or delete that folder to replace it"
-            )
-    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    runcheck = extra_module("runcheck")
+    refused = runcheck.RunError if runcheck is not None else ()  # runcheck.py's refusals, one line each
     try:
+        if runcheck is not None:
+            runcheck.check_identity(folder, args, NOT_IDENTITY)
+        created = [p for p in [folder, *folder.parents] if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / LOCK_NAME, "a+")
+        _claimed.update(folder=folder, created=created)
+        if runcheck is not None:
+            runcheck.lock(folder)
+    except refused as e:
+        fail(str(e))
     except OSError as e:
         fail(f"--out {args.out}: cannot make the run folder {folder} ({e})")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        fail(f"{folder}: another process is making this run now ({run_in_progress(folder)}); wait for it to end")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{platform.node()} pid {os.getpid()}\n")
-    lock.flush()
-    _claimed.update(folder=folder, lock=lock, created=created)
-    if replaces:
+    if (folder / "metrics.json").is_file():
         print(f"note: {folder} holds a finished run with these settings; this run replaces it when it ends", flush=True)
     return folder
 
@@ -410,10 +342,10 @@ def release_run_dir():
     """Unlock the claimed run folder; remove it, and the folders made for it, where nothing else is in them."""
     if not _claimed:
         return
-    folder, lock, created = _claimed["folder"], _claimed["lock"], _claimed["created"]
+    if "runcheck" in sys.modules:
+        sys.modules["runcheck"].unlock()
+    created = _claimed["created"]
     _claimed.clear()
-    lock.close()
-    (folder / LOCK_NAME).unlink(missing_ok=True)
     for p in created:  # the run folder first, then the parents this run made
         try:
             p.rmdir()
@@ -571,7 +503,6 @@ def drop_labels(observed, rate, seed=DROP_SEED):
 
 MAX_INPUT = 1e15  # the model's batch statistics square its inputs in float32, which ends at 3.4e38
 H5_BLOCK_BYTES = 64 << 20  # X of an .h5 file is read in blocks of about this size
-H5_PROBE_SECONDS = 10  # the child that reads an .h5 file first may take this, plus 20 MB/s
 
 
 def check_x_layout(shape, dtype, path):
@@ -648,45 +579,6 @@ def labels01(values, path, name, shape):
     return values.astype(bool)
 
 
-def _read_every_byte(path):
-    """Run in a child process by probe_h5, from this source: open the file, read every attribute and, block
-    by block without keeping them, every dataset that fits in memory."""
-    import os
-
-    import h5py
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-    def visit(name, obj):
-        for key in obj.attrs:
-            obj.attrs[key]
-        if not isinstance(obj, h5py.Dataset) or (obj.nbytes or 0) > memory:
-            return
-        if not obj.shape:
-            obj[()]
-            return
-        for i in range(0, len(obj), 65536):
-            obj[i : i + 65536]
-
-    with h5py.File(path, "r") as f:
-        visit("/", f)
-        f.visititems(visit)
-
-
-def probe_h5(path):
-    """HDF5 can loop or crash in C on a damaged file, out of Python's reach: read it all in a child first."""
-    reader = _read_every_byte
-    program = f"{inspect.getsource(reader)}\nimport sys\n{reader.__name__}(sys.argv[1])\n"
-    limit = H5_PROBE_SECONDS + path.stat().st_size / 20e6
-    try:
-        child = subprocess.run([sys.executable, "-c", program, str(path)], capture_output=True, timeout=limit)
-        crashed = child.returncode < 0  # killed by a signal; an exception is left to the reader's own message
-    except subprocess.TimeoutExpired:
-        crashed = True
-    if crashed:
-        fail(f"cannot read {path}: the HDF5 library hung or crashed reading it (in a child process): a damaged file?")
-
-
 def load_h5(path):
     """Your own .h5 (docs/data.md), every part checked before use; X is read in blocks straight into each split
     in its compact width, with no float32 copy. A file it cannot read or that breaks the layout: one line."""
@@ -694,7 +586,13 @@ def load_h5(path):
 
     if not path.is_file():
         fail(f"no such file: {path}")
-    probe_h5(path)
+    guard = extra_module("h5guard")  # HDF5 may loop or crash on a damaged file: read it in a child first
+    if guard is not None:
+        refusal = guard.probe(path)
+        if refusal:
+            fail(refusal)
+    else:
+        print(f"note: h5guard.py is not beside common.py: {path} is read without its guard against damaged files")
     try:
         with h5py.File(path, "r") as f:
             return read_h5_layout(f, path, h5py)

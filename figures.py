@@ -13,7 +13,6 @@ import argparse
 import csv
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,46 +173,73 @@ def label(row, vary):
     return PAPER_NAMES[row["method"]] + (f" ({extra})" if extra else "")
 
 
-def plot(summary, out, metric=None, suffix=""):
-    """Fig. 4: per method, `metric` of every seed at the lowest drop rate (a box without outlier markers,
-    the seeds as jittered dots). Fig. 5: its mean ± std against the drop rate, one line per method, each
-    method's points shifted a little so none hides another. Returns what was plotted."""
-    import matplotlib
-
+def pyplot(hint=""):
+    """matplotlib's pyplot on a file backend; without matplotlib (optional), one line, with `hint`."""
+    try:
+        import matplotlib
+    except ImportError:
+        common.fail(f"figures need matplotlib, which is optional: pip install matplotlib {hint}".rstrip())
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, vary = summary["rows"], summary["vary"]
+    return plt
+
+
+def save(fig, path, dpi=120):
+    """A figure written atomically, as every result is; an unwritable path is one line."""
+    try:
+        common.write_atomic(Path(path), lambda p: fig.savefig(p, dpi=dpi, format="png"))
+    except OSError as e:
+        common.fail(f"cannot write {path}: {e.strerror or e}")
+
+
+def paper_metrics(summary, metric=None):
+    """The metric of each figure: `metric`, else the paper's (Fig. 4 F1, on SONYC-UST AUPRC; Fig. 5 AUPRC)."""
     paper_f4 = "auprc_macro_masked" if summary["dataset"] == "sonyc" else "f1_macro"
-    metrics = dict(fig4=metric or paper_f4, fig5=metric or "auprc_macro_masked")
-    n_seeds = max(r["seeds"] for r in rows)
+    return dict(fig4=metric or paper_f4, fig5=metric or "auprc_macro_masked")
+
+
+def caption(summary):
+    n_seeds = max(r["seeds"] for r in summary["rows"])
     setting = " ".join(summary["passed_through"]) or "every other option at its default"
-    caption = f"{Path(summary['dataset']).name}, {n_seeds} seed(s); {setting}"
-    plotted, rng = {}, np.random.default_rng(0)
+    return f"{Path(summary['dataset']).name}, {n_seeds} seed(s); {setting}"
+
+
+def fig4(summary, path, metric):
+    """The paper's Fig. 4: per method, `metric` of every seed at the lowest drop rate (a box without outlier
+    markers when there are 5 seeds or more, the seeds as jittered dots). Returns {method: values}."""
+    plt = pyplot()
+    rows, vary = summary["rows"], summary["vary"]
     first = min(r["rate"] for r in rows)
-    fig4 = {
-        label(r, vary): [v for v in r["per_seed"].get(metrics["fig4"], []) if v is not None]
-        for r in rows
-        if r["rate"] == first
+    plotted = {
+        label(r, vary): [v for v in r["per_seed"].get(metric, []) if v is not None] for r in rows if r["rate"] == first
     }
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(fig4) + 2), 4.2))
-    if n_seeds >= 5:  # a box says little about fewer seeds: then the seeds alone, as points
-        ax.boxplot(list(fig4.values()), showfliers=False, widths=0.5)
-    for i, values in enumerate(fig4.values(), start=1):
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(plotted) + 2), 4.2))
+    if max(r["seeds"] for r in rows) >= 5:  # a box says little about fewer seeds: then the seeds alone, as points
+        ax.boxplot(list(plotted.values()), showfliers=False, widths=0.5)
+    for i, values in enumerate(plotted.values(), start=1):
         ax.plot(i + rng.uniform(-0.12, 0.12, len(values)), values, "o", ms=4, color="k", alpha=0.6)
-    ax.set_xticks(range(1, len(fig4) + 1), list(fig4), rotation=15, ha="right")
-    ax.set_ylabel(axis_label(metrics["fig4"]), fontsize=9)
-    ax.set_title(f"{metrics['fig4']} over seeds, drop rate {first:g} (paper Fig. 4)\n{caption}", fontsize=9)
+    ax.set_xticks(range(1, len(plotted) + 1), list(plotted), rotation=15, ha="right")
+    ax.set_ylabel(axis_label(metric), fontsize=9)
+    ax.set_title(f"{metric} over seeds, drop rate {first:g} (paper Fig. 4)\n{caption(summary)}", fontsize=9)
     fig.tight_layout()
-    plotted["fig4"] = fig4
-    fig.savefig(Path(out) / f"fig4{suffix}.png", dpi=120)
+    save(fig, path)
     plt.close(fig)
+    return plotted
+
+
+def fig5(summary, path, metric):
+    """The paper's Fig. 5: `metric`'s mean ± std over seeds against the drop rate, one line per method, each
+    method's points shifted a little so none hides another, the seeds as grey dots. Returns {method: [rates,
+    means, stds]}."""
+    plt = pyplot()
     lines = {}
-    for r in rows:
-        values = [v for v in r["per_seed"].get(metrics["fig5"], []) if v is not None]
+    for r in summary["rows"]:
+        values = [v for v in r["per_seed"].get(metric, []) if v is not None]
         if values:
             point = (r["rate"], float(np.mean(values)), float(np.std(values)), values)
-            lines.setdefault(label(r, vary), []).append(point)
+            lines.setdefault(label(r, summary["vary"]), []).append(point)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     spread = 0.012 * (max(summary["rates"]) - min(summary["rates"]) or 1)
     for i, (name, points) in enumerate(lines.items()):
@@ -224,57 +250,47 @@ def plot(summary, out, metric=None, suffix=""):
         for x, p in zip(rates, points):
             ax.plot([x] * len(p[3]), p[3], ".", color="gray", alpha=0.5, ms=3)
     ax.set_xlabel("share of observed training labels removed")
-    ax.set_ylabel(axis_label(metrics["fig5"]) + ", mean ± std over seeds", fontsize=9)
-    ax.set_title(f"{metrics['fig5']} against missing labels (paper Fig. 5)\n{caption}", fontsize=9)
+    ax.set_ylabel(axis_label(metric) + ", mean ± std over seeds", fontsize=9)
+    ax.set_title(f"{metric} against missing labels (paper Fig. 5)\n{caption(summary)}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    plotted["fig5"] = {
-        name: [[p[i] for p in pts] for i in range(3)]  # rates, means, stds
-        for name, pts in lines.items()
-    }
-    fig.savefig(Path(out) / f"fig5{suffix}.png", dpi=120)
+    save(fig, path)
     plt.close(fig)
-    return plotted
+    return {name: [[p[i] for p in points] for i in range(3)] for name, points in lines.items()}
 
 
 def plot_sweep(args, summary, name):
     """--plot: Fig. 4 and Fig. 5 of this sweep, and copies as the latest; without matplotlib, one line."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        common.fail(
-            "--plot needs matplotlib, which is optional: pip install matplotlib "
-            "(the runs and the summary are written; rerun the same sweep to plot)"
-        )
+    pyplot("(the runs and the summary are written; rerun the same sweep to plot)")
+    summary = common.jsonable(summary)
     tag = name.removeprefix("summary") + (f"-{args.metric}" if args.metric else "")
-    out = Path(args.out)
+    out, metrics = Path(args.out), paper_metrics(summary, args.metric)
     for suffix in (tag, ""):  # this sweep's figures, and a copy as the latest ones
-        plot(common.jsonable(summary), out, args.metric, suffix)
+        fig4(summary, out / f"fig4{suffix}.png", metrics["fig4"])
+        fig5(summary, out / f"fig5{suffix}.png", metrics["fig5"])
     print(f"wrote {out}/fig4{tag}.png and fig5{tag}.png (also as fig4.png and fig5.png, the latest)", flush=True)
 
 
 CURVES = ("train_loss", "val_loss", "lr")  # each run's history holds these every epoch (and a method's own)
 
 
-def curves(folders, out):
+def read_history(folder):
+    """A finished run's per-epoch history from its metrics.json; anything else is one line."""
+    path = Path(folder) / "metrics.json"
+    try:
+        history = json.loads(path.read_text())["history"]
+        if not isinstance(history, list) or not all(isinstance(e, dict) and "epoch" in e for e in history):
+            raise ValueError("'history' is not a list of epochs")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        common.fail(f"cannot read the history in {path}: {common.show(str(e), 150)}")
+    return history
+
+
+def curves(folders, path):
     """The training loss, validation loss and learning rate of finished runs against the epoch, one panel
     each, every run a line (the last stage of a two-stage method). Returns the runs' names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {}
-    for folder in folders:
-        path = Path(folder) / "metrics.json"
-        try:
-            history = json.loads(path.read_text())["history"]
-            if not isinstance(history, list) or not all(isinstance(e, dict) and "epoch" in e for e in history):
-                raise ValueError("'history' is not a list of epochs")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"error: cannot read the history in {path}: {common.show(str(e), 150)}", file=sys.stderr)
-            sys.exit(2)
-        runs[Path(folder).name] = history
+    runs = {Path(folder).name: read_history(folder) for folder in folders}  # every file read before drawing
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
     for ax, key in zip(axes, CURVES):
         for name, history in runs.items():
@@ -284,7 +300,7 @@ def curves(folders, out):
         ax.set_yscale("log" if key == "lr" else "linear")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save(fig, path, dpi=110)
     plt.close(fig)
     return list(runs)
 
@@ -296,14 +312,9 @@ def main():
     c.add_argument("runs", nargs="+", type=Path, help="finished run folders (each holds metrics.json)")
     c.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write (default: curves.png)")
     args = p.parse_args()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("error: figures need matplotlib, which is optional: pip install matplotlib", file=sys.stderr)
-        sys.exit(2)
     names = curves(args.runs, args.out)
     print(f"wrote {args.out}: {len(names)} run(s)")
 
 
 if __name__ == "__main__":
-    main()
+    common.main_guard(main)

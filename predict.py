@@ -54,7 +54,10 @@ def read_input(path):
         if path.suffix in (".h5", ".hdf5"):
             import h5py
 
-            common.probe_h5(path)
+            guard = common.extra_module("h5guard")  # a damaged file may hang HDF5: read it in a child first
+            refusal = guard.probe(path) if guard is not None else None
+            if refusal:
+                common.fail(refusal)
             with h5py.File(path, "r") as f:
                 if not isinstance(f.get("X"), h5py.Dataset):
                     common.fail(f"{path}: no dataset X (N, T, D); found {common.show(list(f), 100)}")

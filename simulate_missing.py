@@ -25,6 +25,7 @@ from pathlib import Path
 
 import common
 import figures
+import runcheck
 
 METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
@@ -60,7 +61,7 @@ def check_options(args, extra, own):
                 f"--threads, --devices, --out, or run the method script directly)"
             )
         if name not in accepted:
-            hint = common.did_you_mean(name, own | accepted)
+            hint = runcheck.did_you_mean(name, own | accepted)
             common.fail(f"{name}: no option of the sweep or of {', '.join(args.methods)}{hint}")
     both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
     if both:
@@ -84,7 +85,7 @@ def parse_vary(items):
 def plan(args, extra):
     """Every run of the sweep: dict(method, values {option: value}, rate, seed, argv, folder, status, diff),
     status one of finished, stale (finished with other settings), running (by another process), pending."""
-    runs, seen = [], set()
+    grid, seen = [], set()
     for method in args.methods:
         module, accepted = method_options(method)
         passed = [t for name, tokens in option_groups(extra) if name in accepted for t in tokens]
@@ -104,13 +105,13 @@ def plan(args, extra):
                 seen.add(folder)
                 diff, status = "", "pending"
                 if (folder / "metrics.json").is_file():
-                    diff = common.finished_run_diff(folder, run_args)
+                    diff = runcheck.finished_run_diff(folder, run_args, common.NOT_IDENTITY)
                     status = "stale" if diff else "finished"
-                elif common.run_in_progress(folder):
+                elif runcheck.run_in_progress(folder):
                     status = "running"
                 run = dict(method=method, values=values, rate=rate, seed=seed, argv=argv + passed, folder=folder)
-                runs.append(dict(run, status=status, diff=diff))
-    return runs
+                grid.append(dict(run, status=status, diff=diff))
+    return grid
 
 
 def parse_method_args(module, method, argv):
@@ -274,26 +275,26 @@ def main():
                 f"cores: slower, not faster"
             )
 
-    runs = plan(args, extra)
-    stale = [r for r in runs if r["status"] == "stale"]
+    grid = plan(args, extra)
+    stale = [r for r in grid if r["status"] == "stale"]
     if stale:
         common.fail(
             f"{len(stale)} finished run(s) in {args.out} were made with other settings, first "
             f"{stale[0]['folder'].name} ({stale[0]['diff']}); use another --out, or delete them to rerun"
         )
-    todo = [r for r in runs if r["status"] == "pending"]
-    running = [r for r in runs if r["status"] == "running"]
+    todo = [r for r in grid if r["status"] == "pending"]
+    running = [r for r in grid if r["status"] == "running"]
     if args.dry_run:
         return print_dry_run(args, todo)
-    finished = len(runs) - len(todo) - len(running)
-    print(f"{len(runs)} runs: {finished} finished, {len(running)} running elsewhere, {len(todo)} to do", flush=True)
+    finished = len(grid) - len(todo) - len(running)
+    print(f"{len(grid)} runs: {finished} finished, {len(running)} running elsewhere, {len(todo)} to do", flush=True)
     failed, wall = 0, None
     if not args.collect and todo:
         print(f"running {len(todo)}, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
         failed, wall = run_pending(args, todo)
         todo = [r for r in todo if not (r["folder"] / "metrics.json").is_file()]
 
-    rows = figures.summarize(runs)
+    rows = figures.summarize(grid)
     if args.plot and args.metric and not any(args.metric in r["per_seed"] for r in rows):
         common.fail(
             f"--metric {args.metric}: no run of this sweep has it; choose from "
@@ -304,7 +305,7 @@ def main():
         if args.plot:
             figures.plot_sweep(args, summary, name)
     for r in running:
-        print(f"running elsewhere: {r['folder']} ({common.run_in_progress(r['folder']) or 'it has just ended'})")
+        print(f"running elsewhere: {r['folder']} ({runcheck.run_in_progress(r['folder']) or 'it has just ended'})")
     for r in todo:
         print(f"missing: {r['folder']}{'' if args.collect else ' (failed: see its log)'}")
     if failed:

@@ -36,6 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective"]
 
 
+# CI's second part installs the optional packages and sets this: there a test marked `optional` must run, and a
+# missing package fails it instead of skipping it.
+REQUIRE_OPTIONAL = os.environ.get("MISSING_LABELS_REQUIRE_OPTIONAL") == "1"
+
+
+def optional_package(name):
+    """The optional package `name` (matplotlib, tensorboard), or a skip that names it and how to install it."""
+    if REQUIRE_OPTIONAL:
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is optional (pip install {name}); CI's second part installs it")
+
+
 DEVICE_OPTION = {"simulate_missing.py": "--devices", "predict.py": "--device"}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import h5guard
 from tests.conftest import (
     OPENMIC_CLASSES,
     SONYC_COARSE,
@@ -709,25 +710,42 @@ def test_unobserved_labels_may_hold_anything_numeric(tmp_path):
     assert len(load(path).train.X) == 30
 
 
-@pytest.mark.parametrize("how", ["hangs", "crashes"])
-def test_an_h5_on_which_the_hdf5_library_hangs_or_crashes_is_refused(how, tmp_path, monkeypatch):
-    """A flipped bit in a variable-length string attribute once made HDF5 loop forever in C, beyond any
-    Python timeout (benchmarks/fuzz.py, seed 0): every .h5 is read in a child process first. Here the child
-    is made to hang or crash on purpose."""
+@pytest.mark.parametrize("how", ["loops", "crashes"])
+def test_an_h5_on_which_the_hdf5_library_loops_or_crashes_is_refused(how, tmp_path, monkeypatch):
+    """A flipped bit in a variable-length string attribute made HDF5 loop forever in C, beyond any Python
+    timeout (benchmarks/fuzz.py, seed 0): every .h5 is read in a child process first, with a CPU budget. Here
+    the child is made to loop or crash on purpose."""
     path = write_h5(tmp_path / "x.h5")
-    monkeypatch.setattr(common, "_read_every_byte", hang if how == "hangs" else crash)
-    monkeypatch.setattr(common, "H5_PROBE_SECONDS", 1)
-    with pytest.raises(common.UserError, match="the HDF5 library hung or crashed reading it"):
-        common.probe_h5(path)
+    monkeypatch.setattr(h5guard, "read_every_byte", loop if how == "loops" else crash)
+    monkeypatch.setattr(h5guard, "CPU_SECONDS", 1)
+    assert "the HDF5 library hung or crashed reading it" in h5guard.probe(path)
 
 
-def hang(path):  # run in the child from its source, as common._read_every_byte is
+def test_a_slow_file_is_not_refused_by_the_guard(tmp_path, monkeypatch):
+    """The budget is CPU time: a child that waits (slow storage) far longer than its budget still passes."""
+    path = write_h5(tmp_path / "x.h5")
+    monkeypatch.setattr(h5guard, "read_every_byte", wait)
+    monkeypatch.setattr(h5guard, "CPU_SECONDS", 1)
+    assert h5guard.probe(path) is None  # about 3 s of waiting, on a budget of 1 s of CPU
+
+
+def loop(path, cpu_limit):  # run in the child from its source, as h5guard.read_every_byte is
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_limit + 5))
+    while True:
+        pass
+
+
+def wait(path, cpu_limit):
+    import resource
     import time
 
-    time.sleep(60)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_limit + 5))
+    time.sleep(3)
 
 
-def crash(path):
+def crash(path, cpu_limit):
     import os
     import signal
 

@@ -86,3 +86,12 @@ def test_every_option_of_every_command_the_docs_show_exists(doc):
 
 def test_the_docs_show_commands_at_all():
     assert sum(len(commands(d.read_text())) for d in DOCS) > 30
+
+
+def test_ci_runs_the_readmes_two_commands_exactly_as_printed():
+    blocks = re.findall(r"\n\n((?:    \S.*\n)+)", (ROOT / "README.md").read_text())
+    install, tests = (b.strip() for b in blocks[:2])  # the front door: install and run, then the tests
+    assert install.startswith("pip install -r requirements.txt") and tests.startswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci and tests in ci
+    assert ci.index(install) < ci.index(tests) < ci.index(next(line for line in ci if "pip install -q" in line))

@@ -3,7 +3,6 @@ prediction with a finished run, the copy unit, module boundaries, and simulate_m
 
 import ast
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import common
+import runcheck
 from tests.conftest import (
     METHODS,
     ROOT,
@@ -26,6 +26,7 @@ from tests.conftest import (
     metrics_of,
     ok,
     on_cpu,
+    optional_package,
     refused,
     run,
     run_dirs,
@@ -92,11 +93,11 @@ def test_a_run_in_progress_is_never_started_twice(tmp_path, h5):
     folder = tmp_path / "o" / "mine__b1__seed0__epochs1"
     folder.mkdir(parents=True)
     holder = subprocess.Popen(  # another process holds the run's lock, as a running run does
-        [sys.executable, "-c", LOCK_HOLDER, str(folder / common.LOCK_NAME)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", LOCK_HOLDER, str(folder / runcheck.LOCK_NAME)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert common.run_in_progress(folder)
+        assert runcheck.run_in_progress(folder)
         refused(call("b1.py", "--dataset", h5, "--epochs", 1, "--out", tmp_path / "o"), "another process is making")
         grid = ["--dataset", h5, "--methods", "b1", "--seeds", 0, "--epochs", 1, "--out", tmp_path / "o"]
         p = call("simulate_missing.py", *grid)
@@ -105,7 +106,7 @@ def test_a_run_in_progress_is_never_started_twice(tmp_path, h5):
     finally:
         holder.kill()
         holder.wait()
-    assert common.run_in_progress(folder) is None  # the lock dies with its process
+    assert runcheck.run_in_progress(folder) is None  # the lock dies with its process
 
 
 LOCK_HOLDER = """import fcntl, sys, time
@@ -121,13 +122,14 @@ def test_the_end_of_a_run_says_what_it_left(tmp_path, h5):
     p = ok(call("mean_teacher.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path))
     assert "result: network 'teacher' of epoch" in p.stdout
     assert "metrics.json (arguments, history, test metrics), model.pt" in p.stdout and "docs/metrics.md" in p.stdout
-    assert not (run_dirs(tmp_path)[0] / common.LOCK_NAME).exists()
+    assert not (run_dirs(tmp_path)[0] / runcheck.LOCK_NAME).exists()
     best = metrics_of(tmp_path)["best_epoch"]
     assert ("the selected epoch is the last" in p.stderr) == (best == 2)
 
 
+@pytest.mark.optional
 def test_tensorboard_logs_every_epoch_into_the_run_folder(tmp_path, h5):
-    pytest.importorskip("tensorboard", reason="tensorboard is optional: pip install tensorboard")
+    optional_package("tensorboard")
     ok(call("label_enhance.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path, "--tensorboard"))
     events = list(run_dirs(tmp_path)[0].glob("events.out.tfevents.*"))
     assert events
@@ -145,8 +147,9 @@ def test_tensorboard_missing_is_named_in_one_line(tmp_path, h5, monkeypatch):
     assert not run_dirs(tmp_path)
 
 
+@pytest.mark.optional
 def test_curves_of_finished_runs_are_drawn_from_metrics_json(tmp_path, h5):
-    pytest.importorskip("matplotlib", reason="figures need matplotlib, which is optional")
+    optional_package("matplotlib")
     ok(call("b1.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path / "a"))
     ok(call("mean_teacher.py", "--dataset", h5, "--epochs", 2, "--out", tmp_path / "a"))
     p = ok(run("figures.py", "curves", *run_dirs(tmp_path / "a"), "--out", tmp_path / "curves.png"))
@@ -350,16 +353,18 @@ def test_predict_names_the_file_it_cannot_write(trained, tmp_path):
 #####  The copy unit: common.py plus one method script, alone in a folder  ###################################
 
 # Runs the copied script three times in one process (a process costs seconds of imports), as its command line
-# would: on the synthetic data, on a .h5 file, and with --dataset openmic, whose file was not copied.
+# would: on the synthetic data, on a .h5 file, and with --dataset openmic, whose file was not copied. No POSIX-only
+# module may be needed: fcntl cannot be imported here, as on Windows.
 ALONE = """import runpy, sys
+sys.modules["fcntl"] = sys.modules["resource"] = None
 for argv in (["--epochs", "1"], ["--epochs", "1", "--dataset", "mine.h5"], ["--dataset", "openmic"]):
     sys.argv = ["{method}.py", "--out", "runs", "--device", "cpu", *argv]
     try:
         runpy.run_path("{method}.py", run_name="__main__")
     except SystemExit as e:
         print("exit", e.code)
-print("imported from", sorted({{m: getattr(mod, "__file__", "") for m, mod in sys.modules.items()
-                                if m in ("common", "openmic", "sonyc", "fastpath")}}.values()))
+ours = ("common", "openmic", "sonyc", "audioset", "fastpath", "runcheck", "h5guard")
+print("imported from", sorted(getattr(mod, "__file__", "") for m, mod in sys.modules.items() if m in ours))
 """
 
 
@@ -391,6 +396,7 @@ def test_common_and_one_method_script_run_alone(method, copied_alone):
     assert p.stdout.count("exit") == 1
     assert "exit 2" in p.stdout
     assert "error: --dataset openmic needs openmic.py beside common.py" in p.stderr
+    assert "h5guard.py is not beside common.py" in p.stdout and "mine.h5 is read without its guard" in p.stdout
     assert "Traceback" not in p.stderr
     assert f"imported from ['{tmp_path / 'common.py'}']" in p.stdout
 
@@ -414,8 +420,8 @@ def test_imports_run_one_way_and_the_dataset_modules_stand_alone():
         return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph.get(a, ()))
 
     assert not [m for m in graph if reaches(m, m)], graph
-    assert graph["sonyc"] == graph["openmic"] == graph["fastpath"] == set()
-    assert top["common"] == set()  # openmic, sonyc, fastpath only when a run needs them
+    assert graph["sonyc"] == graph["openmic"] == graph["fastpath"] == graph["runcheck"] == graph["h5guard"] == set()
+    assert top["common"] == set()  # openmic, sonyc, fastpath, runcheck, h5guard only when a run needs them
     assert all(top[m] == {"common"} for m in METHODS)
 
 
@@ -578,11 +584,9 @@ def test_failed_sweeps_leave_earlier_summaries_as_they_were(tmp_path):
     assert (tmp_path / "o" / "summary.csv").read_bytes() == before
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None,
-    reason="matplotlib is optional; .ci/run installs it so this runs in CI",
-)
+@pytest.mark.optional
 def test_sweep_figures_are_kept_per_sweep_and_say_what_they_show(tmp_path):
+    optional_package("matplotlib")
     import figures
 
     grid = sweep(tmp_path, "--rates", 0, 0.5, "--seeds", 0, "--jobs", 2, "--plot", methods=("b1", "b0"))
@@ -591,13 +595,13 @@ def test_sweep_figures_are_kept_per_sweep_and_say_what_they_show(tmp_path):
     for fig in (f"fig4-{sweep_id}.png", f"fig5-{sweep_id}.png", "fig4.png", "fig5.png"):
         assert (tmp_path / "o" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    plotted = figures.plot(summary, tmp_path)
-    assert list(plotted["fig4"]) == ["B0", "B1"]  # the paper's names
-    assert (
-        plotted["fig4"]["B1"]
-        == next(r for r in summary["rows"] if r["method"] == "b1" and r["rate"] == 0)["per_seed"]["f1_macro"]
-    )  # Fig. 4: the paper's F1
-    rates, means, _ = plotted["fig5"]["B1"]
+    metrics = figures.paper_metrics(summary)
+    assert metrics == dict(fig4="f1_macro", fig5="auprc_macro_masked")  # the paper's F1 and AUPRC
+    plotted = figures.fig4(summary, tmp_path / "f4.png", metrics["fig4"])
+    assert list(plotted) == ["B0", "B1"]  # the paper's names
+    b1_at_0 = next(r for r in summary["rows"] if r["method"] == "b1" and r["rate"] == 0)
+    assert plotted["B1"] == b1_at_0["per_seed"]["f1_macro"]
+    rates, means, _ = figures.fig5(summary, tmp_path / "f5.png", metrics["fig5"])["B1"]
     rows = [r for r in summary["rows"] if r["method"] == "b1"]
     assert means == [r["auprc_macro_masked"] for r in rows]  # Fig. 5: AUPRC
     assert rates == [0, 0.5]
