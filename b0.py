@@ -55,8 +55,8 @@ def main():
     started = time.time()
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
-    train, val = data.train, data.val
-    train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
@@ -74,13 +74,12 @@ def main():
         optimizer.step()
         return loss.detach()
 
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    step = common.fast_step(
-        train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast, state=[model, optimizer]
-    )
+    example = (train.X[:batch], train.Y[:batch].float(), train.observed[:batch].float())
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer])
     history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
@@ -89,13 +88,13 @@ def main():
         total = torch.zeros((), device=device)
         for i in range(n_batches):
             idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            total += step(train.X[idx], train.Y[idx].float(), train.observed[idx].float())  # on the device: no sync
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
 
         # model selection: the validation BCE over observed labels
         p = common.predict(model, val.X)
-        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+        val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
         val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
         train_loss = (total / n_batches).item()  # host syncs: once an epoch
         if val_loss < best_val_loss:

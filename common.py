@@ -387,11 +387,14 @@ class Board:
 
 @dataclass
 class Split:
+    """One split on the device. Labels stay compact, one byte each (AudioSet's 2 M clips x 527 classes would
+    take 4.2 GB a float32 array): the scripts cast a batch at a time."""
+
     X: torch.Tensor  # (N, T, D) as stored: uint8 and float16 stay so, else float32; on the device
-    Y: torch.Tensor  # (N, C) float32 in {0, 1}; 0 where the label is missing
+    Y: torch.Tensor  # (N, C) bool: True where the label is present; False where it is absent or missing
     observed: torch.Tensor  # (N, C) bool: True where the label is known
     keys: list = None  # clip names, where the dataset has them
-    Y_full: torch.Tensor = None  # every label, missing ones included: synthetic data (or an .h5 with Y_full)
+    Y_full: torch.Tensor = None  # (N, C) bool, every label, missing ones included: synthetic data, .h5 with Y_full
     extra: dict = field(default_factory=dict)  # SONYC: truth for the official metric
 
 
@@ -451,14 +454,17 @@ def on_device(values, dtype, device):
 
 
 def to_split(arrays, device):
-    """One split's numpy arrays as a Split of tensors on `device`; X keeps its stored width."""
+    """One split's numpy arrays as a Split of tensors on `device`; X keeps its stored width, labels are bool.
+    Where Y and observed are one array (positive-only labels: every observed label is a positive), one tensor
+    serves both."""
     observed = on_device(arrays["observed"], torch.bool, device)
+    Y = observed if arrays["Y"] is arrays["observed"] else on_device(arrays["Y"], torch.bool, device) & observed
     Y_full = None
     if arrays.get("Y_full") is not None:
-        Y_full = on_device(arrays["Y_full"], torch.float32, device)
+        Y_full = on_device(arrays["Y_full"], torch.bool, device)
     return Split(
         X=torch.from_numpy(np.ascontiguousarray(arrays["X"])).to(device),
-        Y=on_device(arrays["Y"], torch.float32, device) * observed,
+        Y=Y,
         observed=observed,
         keys=arrays.get("keys"),
         extra=arrays.get("extra", {}),

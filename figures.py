@@ -54,7 +54,7 @@ def metric_of(m, key):
         return m["enhancement"][key]
     if key in m.get("selection", {}):
         return m["selection"][key]
-    part = m.get("teacher", m.get("stage1"))
+    part = m.get("stage1")
     return part["best_epoch"] if key == "teacher_epoch" and part else None
 
 
@@ -125,7 +125,7 @@ def write_summary(args, extra, rows, wall, failed):
         print(f"\ntest labels: {', '.join(shares)}")
     dataset = args.dataset if args.dataset in common.DATASETS else str(Path(args.dataset).resolve())
     grid = dict(dataset=dataset, level=args.level, methods=args.methods, rates=args.rates, seeds=args.seeds)
-    grid.update(vary=args.vary, drop_seed=args.drop_seed, passed_through=extra)
+    grid.update(vary=args.vary, drop_per_seed=args.drop_per_seed, passed_through=extra)
     summary = dict(**grid, std="population (ddof 0)", wall_seconds=wall, failed=failed, rows=rows)
     summary["versions"] = common.versions()
     name = "summary-" + hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:8]

@@ -76,7 +76,7 @@ def enhancement_report(enhanced, per_class, train, gamma, class_names):
     report = dict(gamma=gamma, missing=n_missing, masked=kept, per_class=dict(zip(class_names, per_class)))
     if train.Y_full is not None:
         masked = ~enhanced & ~train.observed
-        positive = (train.Y_full > 0.5) & ~train.observed
+        positive = train.Y_full & ~train.observed
         hits = (masked & positive).sum().item()
         report["masked_precision"] = hits / max(masked.sum().item(), 1)
         report["masked_recall"] = hits / max(positive.sum().item(), 1)
@@ -86,77 +86,6 @@ def enhancement_report(enhanced, per_class, train, gamma, class_names):
             flush=True,
         )
     return report
-
-
-def fit(args, data, device, train_mask, stage, selection, board):
-    """Train a fresh model with masked BCE under `train_mask` (N, C); return it at its best validation loss
-    under `selection` ("observed" or "b0"; both are recorded every epoch), with its state and summary."""
-    train, val = data.train, data.val
-    # Model selection masks over the validation labels: the observed ones (B1's loss, the paper's choice for
-    # every model), or all of them with missing = negative (B0's loss, which LE's teacher trains on).
-    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val.Y)}
-    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-    model = common.AttentionMIL(
-        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
-    ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
-
-    # ALGO LOGIC: one training step; stage 1 passes an all-ones mask (that is B0), stage 2 the enhanced mask
-    def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
-        p = model(x)  # (B, C) probabilities
-        bce = F.binary_cross_entropy(p, y, reduction="none")
-        loss = (bce * mask).sum() / mask.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
-    batch = min(args.batch_size, len(train.X))
-    n_batches = len(train.X) // batch
-    step = common.fast_step(
-        train_step, (train.X[:batch], train.Y[:batch], train_mask[:batch]), device, args.fast, state=[model, optimizer]
-    )
-    history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        perm = torch.randperm(len(train.X), device=device)
-        total = torch.zeros((), device=device)
-        for i in range(n_batches):
-            idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
-        scheduler.step()
-
-        # model selection: the validation BCE under the `selection` mask
-        p = common.predict(model, val.X)
-        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-        losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item() for k, m in val_masks.items()}
-        val_loss = losses[f"val_loss_{selection}"]
-        train_loss = (total / n_batches).item()  # host syncs: once an epoch
-        if val_loss < best_val_loss:
-            best_val_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append(
-            dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr, seconds=time.time() - t0)
-        )
-        board.log(history[-1], stage)
-        print(
-            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss_observed "
-            f"{losses['val_loss_observed']:.4f} val_loss_b0 {losses['val_loss_b0']:.4f} | "
-            f"{history[-1]['seconds']:.2f}s",
-            flush=True,
-        )
-    model.load_state_dict(best_state)
-    at_best = {k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")}
-    return (
-        model,
-        best_state,
-        dict(selection=selection, history=history, best_epoch=best_epoch, best_val_loss=best_val_loss, **at_best),
-    )
 
 
 def get_parser():
@@ -191,6 +120,77 @@ def get_parser():
     return common.add_run_args(p)
 
 
+def fit(args, data, device, train_mask, stage, selection, board):
+    """Train a fresh model with masked BCE under `train_mask` (N, C) bool; return it at its best validation loss
+    under `selection` ("observed" or "b0"; both are recorded every epoch), with its state and summary."""
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    # Model selection masks over the validation labels: the observed ones (B1's loss, the paper's choice for
+    # every model), or all of them with missing = negative (B0's loss, which LE's teacher trains on).
+    val_y = val.Y.float()  # (N_val, C) 1 = present
+    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val_y)}
+    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
+    model = common.AttentionMIL(
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
+
+    # ALGO LOGIC: one training step; stage 1 passes an all-ones mask (that is B0), stage 2 the enhanced mask
+    def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
+        p = model(x)  # (B, C) probabilities
+        bce = F.binary_cross_entropy(p, y, reduction="none")
+        loss = (bce * mask).sum() / mask.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    batch = min(args.batch_size, len(train.X))
+    n_batches = len(train.X) // batch
+    example = (train.X[:batch], train.Y[:batch].float(), train_mask[:batch].float())
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer])
+    history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch : (i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx].float(), train_mask[idx].float())  # on the device: no sync
+        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+        scheduler.step()
+
+        # model selection: the validation BCE under the `selection` mask
+        p = common.predict(model, val.X)
+        val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
+        losses = {f"val_loss_{k}": ((val_bce * m).sum() / m.sum().clamp(min=1)).item() for k, m in val_masks.items()}
+        val_loss = losses[f"val_loss_{selection}"]
+        train_loss = (total / n_batches).item()  # host syncs: once an epoch
+        if val_loss < best_val_loss:
+            best_val_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(
+            dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, **losses, lr=lr, seconds=time.time() - t0)
+        )
+        board.log(history[-1], stage)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss_observed "
+            f"{losses['val_loss_observed']:.4f} val_loss_b0 {losses['val_loss_b0']:.4f} | "
+            f"{history[-1]['seconds']:.2f}s",
+            flush=True,
+        )
+    model.load_state_dict(best_state)
+    at_best = {k: v for k, v in history[best_epoch - 1].items() if k.startswith("val_loss_")}
+    return (
+        model,
+        best_state,
+        dict(selection=selection, history=history, best_epoch=best_epoch, best_val_loss=best_val_loss, **at_best),
+    )
+
+
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
@@ -218,7 +218,7 @@ def main():
     enhancement = enhancement_report(enhanced, per_class, train, args.gamma, data.class_names)
 
     # ALGO LOGIC: stage 2, a fresh student (fresh optimizer, initial learning rate) on the enhanced mask
-    student, student_state, stage2 = fit(args, data, device, enhanced.float(), "student", "observed", board)
+    student, student_state, stage2 = fit(args, data, device, enhanced, "student", "observed", board)
 
     # TRY NOT TO MODIFY: test the selected student, write the run
     scores = common.predict(student, data.test.X)
@@ -232,7 +232,7 @@ def main():
         history=stage2["history"],
         best_epoch=stage2["best_epoch"],
         best_val_loss=stage2["best_val_loss"],
-        teacher=stage1,
+        stage1=stage1,
         enhancement=enhancement,
         test=test,
     )

@@ -118,8 +118,8 @@ def main():
     started = time.time()
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
-    train, val = data.train, data.val
-    train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
@@ -145,11 +145,11 @@ def main():
         rejected.add_(large.sum())
         return loss.detach()
 
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
+    example = (train.X[:batch], train.Y[:batch].float(), train.observed[:batch].float())
     step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer, rejected])
     history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
     for epoch in range(1, args.epochs + 1):
@@ -161,14 +161,14 @@ def main():
         total = torch.zeros((), device=device)
         for i in range(n_batches):
             idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            total += step(train.X[idx], train.Y[idx].float(), train.observed[idx].float())  # on the device: no sync
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
 
         # model selection: the validation BCE over observed labels, or (--selection own) LL's own loss on every
         # validation label at the final rejection rate, the same for every epoch so that epochs compare
         p = common.predict(model, val.X)
-        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+        val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
         losses = dict(val_loss_observed=((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item())
         own, _ = large_loss_matrix(p, val_bce, ~val.observed, final_rate, args.correction)
         losses["val_loss_own"] = own.mean().item()
@@ -193,8 +193,17 @@ def main():
     test = common.evaluate(scores, data.test, data)
     scheme = "LL-Ct" if args.correction else "LL-R"
     print(f"best epoch {best_epoch} | test {common.headline(test)}", flush=True)
-    record = common.run_record(args, device, started, method="large_loss", scheme=scheme, history=history, test=test)
-    record.update(best_epoch=best_epoch, best_val_loss=best_val_loss)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="large_loss",
+        scheme=scheme,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_loss=best_val_loss,
+        test=test,
+    )
     common.save_run(folder, record, {"model": best_state}, "model", model, scores, data)
 
 

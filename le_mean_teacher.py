@@ -100,7 +100,7 @@ def enhancement_report(enhanced, per_class, train, gamma, class_names):
     report = dict(gamma=gamma, missing=n_missing, masked=kept, per_class=dict(zip(class_names, per_class)))
     if train.Y_full is not None:
         masked = ~enhanced & ~train.observed
-        positive = (train.Y_full > 0.5) & ~train.observed
+        positive = train.Y_full & ~train.observed
         hits = (masked & positive).sum().item()
         report["masked_precision"] = hits / max(masked.sum().item(), 1)
         report["masked_recall"] = hits / max(positive.sum().item(), 1)
@@ -110,102 +110,6 @@ def enhancement_report(enhanced, per_class, train, gamma, class_names):
             flush=True,
         )
     return report
-
-
-def fit(args, data, device, train_mask, stage, selection, board):
-    """Mean teacher with masked BCE under `train_mask` (N, C); returns both networks, each at its best
-    validation loss under `selection` ("observed" or "b0"), and the stage's summary."""
-    train, val = data.train, data.val
-    # Model selection masks over the validation labels (see label_enhance.py): observed only, or B0's.
-    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val.Y)}
-    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-    model = common.AttentionMIL(
-        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
-    ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
-
-    # ALGO LOGIC: the EMA teacher
-    teacher = make_teacher(model)
-    teacher_tensors, student_tensors = ema_tensors(teacher), ema_tensors(model)
-    ema_step = torch.zeros((), device=device)
-
-    # ALGO LOGIC: one mean-teacher step under `mask` (all ones in stage 1: B0's BCE)
-    def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
-        p = model(x)  # (B, C) student, its own dropout
-        with torch.no_grad():
-            q = teacher(x)  # (B, C) teacher, another dropout draw
-        bce = F.binary_cross_entropy(p, y, reduction="none")
-        loss = (bce * mask).sum() / mask.sum().clamp(min=1) + args.consistency_weight * F.mse_loss(p, q)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(teacher_tensors, student_tensors, ema_step, args.ema_decay)
-        return loss.detach()
-
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
-    batch = min(args.batch_size, len(train.X))
-    n_batches = len(train.X) // batch
-    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
-    step = common.fast_step(train_step, example, device, args.fast, state=[model, teacher, optimizer, ema_step])
-    history = []
-    best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
-    best_student = dict(val_loss=float("inf"), epoch=0, state=None)  # validation loss under `selection`
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        teacher.train()
-        perm = torch.randperm(len(train.X), device=device)
-        total = torch.zeros((), device=device)
-        for i in range(n_batches):
-            idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
-        scheduler.step()
-
-        # model selection: each network by its own validation BCE under the `selection` mask
-        entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=lr)  # host syncs: once an epoch
-        for name, net, best in (("teacher", teacher, best_teacher), ("student", model, best_student)):
-            p = common.predict(net, val.X)
-            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-            for k, m in val_masks.items():
-                entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
-            if entry[f"val_loss_{name}_{selection}"] < best["val_loss"]:
-                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                best.update(val_loss=entry[f"val_loss_{name}_{selection}"], epoch=epoch, state=state)
-        entry.update(val_loss=entry[f"val_loss_teacher_{selection}"], seconds=time.time() - t0)
-        history.append(entry)
-        board.log(entry, stage)
-        print(
-            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {entry['train_loss']:.4f} val_loss_teacher "
-            f"{entry['val_loss']:.4f} val_loss_student {entry[f'val_loss_student_{selection}']:.4f} | "
-            f"{entry['seconds']:.2f}s",
-            flush=True,
-        )
-    teacher.load_state_dict(best_teacher["state"])
-    model.load_state_dict(best_student["state"])
-    at_best = {k: v for k, v in history[best_teacher["epoch"] - 1].items() if k.startswith("val_loss_teacher_")}
-    return (
-        teacher,
-        model,
-        dict(
-            selection=selection,
-            history=history,
-            best_epoch=best_teacher["epoch"],
-            best_val_loss=best_teacher["val_loss"],
-            best_epoch_student=best_student["epoch"],
-            **at_best,
-        ),
-    )
-
-
-def percentage(value):
-    """gamma is a percentage in [0, 100]: a value in (0, 1) is most likely a share, typed by mistake."""
-    v = common.float_in(0, 100)(value)
-    if 0 < v < 1:
-        common.warn(f"gamma {value} is a percentage: {value} means {v:g}%, not {v:.0%} (type {v * 100:g} for that)")
-    return v
 
 
 def get_parser():
@@ -246,6 +150,103 @@ def get_parser():
     return common.add_run_args(p)
 
 
+def fit(args, data, device, train_mask, stage, selection, board):
+    """Mean teacher with masked BCE under `train_mask` (N, C) bool; returns both networks, each at its best
+    validation loss under `selection` ("observed" or "b0"), and the stage's summary."""
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    # Model selection masks over the validation labels (see label_enhance.py): observed only, or B0's.
+    val_y = val.Y.float()  # (N_val, C) 1 = present
+    val_masks = {"observed": val.observed.float(), "b0": torch.ones_like(val_y)}
+    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
+    model = common.AttentionMIL(
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
+
+    # ALGO LOGIC: the EMA teacher
+    teacher = make_teacher(model)
+    teacher_tensors, student_tensors = ema_tensors(teacher), ema_tensors(model)
+    ema_step = torch.zeros((), device=device)
+
+    # ALGO LOGIC: one mean-teacher step under `mask` (all ones in stage 1: B0's BCE)
+    def train_step(x, y, mask):  # x (B, T, D); y, mask (B, C)
+        p = model(x)  # (B, C) student, its own dropout
+        with torch.no_grad():
+            q = teacher(x)  # (B, C) teacher, another dropout draw
+        bce = F.binary_cross_entropy(p, y, reduction="none")
+        loss = (bce * mask).sum() / mask.sum().clamp(min=1) + args.consistency_weight * F.mse_loss(p, q)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(teacher_tensors, student_tensors, ema_step, args.ema_decay)
+        return loss.detach()
+
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    batch = min(args.batch_size, len(train.X))
+    n_batches = len(train.X) // batch
+    example = (train.X[:batch], train.Y[:batch].float(), train_mask[:batch].float())
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, teacher, optimizer, ema_step])
+    history = []
+    best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
+    best_student = dict(val_loss=float("inf"), epoch=0, state=None)  # validation loss under `selection`
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        teacher.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch : (i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx].float(), train_mask[idx].float())  # on the device: no sync
+        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+        scheduler.step()
+
+        # model selection: each network by its own validation BCE under the `selection` mask
+        entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=lr)  # host syncs: once an epoch
+        for name, net, best in (("teacher", teacher, best_teacher), ("student", model, best_student)):
+            p = common.predict(net, val.X)
+            val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
+            for k, m in val_masks.items():
+                entry[f"val_loss_{name}_{k}"] = ((val_bce * m).sum() / m.sum().clamp(min=1)).item()
+            if entry[f"val_loss_{name}_{selection}"] < best["val_loss"]:
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best.update(val_loss=entry[f"val_loss_{name}_{selection}"], epoch=epoch, state=state)
+        entry.update(val_loss=entry[f"val_loss_teacher_{selection}"], seconds=time.time() - t0)
+        history.append(entry)
+        board.log(entry, stage)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {entry['train_loss']:.4f} val_loss_teacher "
+            f"{entry['val_loss']:.4f} val_loss_student {entry[f'val_loss_student_{selection}']:.4f} | "
+            f"{entry['seconds']:.2f}s",
+            flush=True,
+        )
+    teacher.load_state_dict(best_teacher["state"])
+    model.load_state_dict(best_student["state"])
+    at_best = {k: v for k, v in history[best_teacher["epoch"] - 1].items() if k.startswith("val_loss_teacher_")}
+    return (
+        teacher,
+        model,
+        dict(
+            selection=selection,
+            history=history,
+            best_epoch=best_teacher["epoch"],
+            best_val_loss=best_teacher["val_loss"],
+            best_epoch_student=best_student["epoch"],
+            **at_best,
+        ),
+    )
+
+
+def percentage(value):
+    """gamma is a percentage in [0, 100]: a value in (0, 1) is most likely a share, typed by mistake."""
+    v = common.float_in(0, 100)(value)
+    if 0 < v < 1:
+        common.warn(f"gamma {value} is a percentage: {value} means {v:g}%, not {v:.0%} (type {v * 100:g} for that)")
+    return v
+
+
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
@@ -270,7 +271,7 @@ def main():
     enhancement = enhancement_report(enhanced, per_class, train, args.gamma, data.class_names)
 
     # ALGO LOGIC: stage 2, a fresh mean teacher on the enhanced mask
-    teacher, student, stage2 = fit(args, data, device, enhanced.float(), "stage2", "observed", board)
+    teacher, student, stage2 = fit(args, data, device, enhanced, "stage2", "observed", board)
 
     # TRY NOT TO MODIFY: test both networks (the teacher is the primary result), write the run
     scores = common.predict(teacher, data.test.X)

@@ -97,8 +97,8 @@ def main():
     started = time.time()
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
-    train, val = data.train, data.val
-    train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(
@@ -127,11 +127,11 @@ def main():
         ema_update(teacher_tensors, student_tensors, ema_step, args.ema_decay)
         return loss.detach()
 
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
     batch = min(args.batch_size, len(train.X))
     n_batches = len(train.X) // batch
-    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
+    example = (train.X[:batch], train.Y[:batch].float(), train.observed[:batch].float())
     step = common.fast_step(train_step, example, device, args.fast, state=[model, teacher, optimizer, ema_step])
     history = []
     best_teacher = dict(val_loss=float("inf"), epoch=0, state=None)  # each network selected by its own
@@ -144,7 +144,7 @@ def main():
         total = torch.zeros((), device=device)
         for i in range(n_batches):
             idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
+            total += step(train.X[idx], train.Y[idx].float(), train.observed[idx].float())  # on the device: no sync
         lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
         scheduler.step()
 
@@ -152,7 +152,7 @@ def main():
         entry = dict(epoch=epoch, train_loss=(total / n_batches).item(), lr=lr)  # host syncs: once an epoch
         for name, net, best in (("teacher", teacher, best_teacher), ("student", model, best_student)):
             p = common.predict(net, val.X)
-            val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
+            val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
             entry[f"val_loss_{name}"] = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
             if entry[f"val_loss_{name}"] < best["val_loss"]:
                 state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -175,9 +175,18 @@ def main():
     test_student = common.evaluate(common.predict(model, data.test.X), data.test, data)
     print(f"best epoch {best_teacher['epoch']} | test (teacher) {common.headline(test)}", flush=True)
     print(f"best epoch {best_student['epoch']} | test (student) {common.headline(test_student)}", flush=True)
-    record = common.run_record(args, device, started, method="mean_teacher", history=history, test=test)
-    record.update(best_epoch=best_teacher["epoch"], best_val_loss=best_teacher["val_loss"])
-    record.update(best_epoch_student=best_student["epoch"], test_student=test_student)
+    record = common.run_record(
+        args,
+        device,
+        started,
+        method="mean_teacher",
+        history=history,
+        best_epoch=best_teacher["epoch"],
+        best_val_loss=best_teacher["val_loss"],
+        best_epoch_student=best_student["epoch"],
+        test=test,
+        test_student=test_student,
+    )
     networks = {"teacher": best_teacher["state"], "student": best_student["state"]}
     common.save_run(folder, record, networks, "teacher", model, scores, data)
 

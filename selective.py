@@ -63,64 +63,6 @@ def partial_asymmetric_loss(p, y, observed, weights, gamma_pos, gamma_neg, gamma
     return loss * weights
 
 
-def fit(args, data, device, stage, loss_fn, board):
-    """A fresh model trained with `loss_fn(p, y, observed)` on every batch, at its best validation BCE over
-    the observed labels; returns (model, state_dict, summary)."""
-    train, val = data.train, data.val
-    train_mask, val_mask = train.observed.float(), val.observed.float()  # (N, C) 1 = observed
-    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
-    model = common.AttentionMIL(
-        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
-    ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
-
-    # ALGO LOGIC: one training step under this stage's loss
-    def train_step(x, y, observed):  # x (B, T, D); y, observed (B, C)
-        p = model(x)  # (B, C) probabilities
-        loss = loss_fn(p, y, observed > 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped; --fast
-    # replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
-    batch = min(args.batch_size, len(train.X))
-    n_batches = len(train.X) // batch
-    example = (train.X[:batch], train.Y[:batch], train_mask[:batch])
-    step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer])
-    history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        model.train()
-        perm = torch.randperm(len(train.X), device=device)
-        total = torch.zeros((), device=device)
-        for i in range(n_batches):
-            idx = perm[i * batch : (i + 1) * batch]
-            total += step(train.X[idx], train.Y[idx], train_mask[idx])  # stays on the device: no sync
-        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
-        scheduler.step()
-
-        # model selection: the validation BCE over observed labels
-        p = common.predict(model, val.X)
-        val_bce = F.binary_cross_entropy(p, val.Y, reduction="none")
-        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
-        train_loss = (total / n_batches).item()  # host syncs: once an epoch
-        if val_loss < best_val_loss:
-            best_val_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
-        board.log(history[-1], stage)
-        print(
-            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
-            f"{history[-1]['seconds']:.2f}s",
-            flush=True,
-        )
-    model.load_state_dict(best_state)
-    return model, best_state, dict(history=history, best_epoch=best_epoch, best_val_loss=best_val_loss)
-
-
 def get_parser():
     p = argparse.ArgumentParser(
         description="Class-aware selective loss: each missing label is ignored or a negative, by class prior "
@@ -165,6 +107,74 @@ def get_parser():
     return common.add_run_args(p)
 
 
+def fit(args, data, device, stage, ignored_class, board):
+    """A fresh model trained with stage 1's loss (`ignored_class` None: B1's, for the prior model) or stage 2's
+    (the selective P-ASL, the missing labels of the classes `ignored_class` ignored), at its best validation BCE
+    over the observed labels; returns (model, state_dict, summary)."""
+    train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
+    val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
+    # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
+    model = common.AttentionMIL(
+        train.X.shape[2], train.Y.shape[1], args.layers, args.hidden, args.dropout, data.input_offset, data.input_scale
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.5)
+
+    # ALGO LOGIC: one training step; stage 1 (the prior model) is B1, stage 2 the selective loss
+    def train_step(x, y, observed):  # x (B, T, D); y, observed (B, C)
+        p = model(x)  # (B, C) probabilities
+        if ignored_class is None:  # stage 1: B1's masked BCE over the observed labels (the paper's Ignore mode)
+            bce = F.binary_cross_entropy(p, y, reduction="none")
+            loss = (bce * observed).sum() / observed.sum().clamp(min=1)
+        else:  # stage 2: P-ASL on the labels that the class prior and the likelihood keep
+            known = observed > 0.5
+            weights = selective_weights(p.detach(), known, ignored_class, args.likelihood_topk)
+            loss_matrix = partial_asymmetric_loss(
+                p, y, known, weights, args.gamma_pos, args.gamma_neg, args.gamma_unann
+            )
+            loss = loss_matrix.mean()  # over all B * C labels
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    # TRY NOT TO MODIFY: batches drawn on the device with randperm, the last partial batch dropped, their labels
+    # cast to float; --fast replays the step as a CUDA graph (fastpath.py: the optimizer is made capturable in place)
+    batch = min(args.batch_size, len(train.X))
+    n_batches = len(train.X) // batch
+    example = (train.X[:batch], train.Y[:batch].float(), train.observed[:batch].float())
+    step = common.fast_step(train_step, example, device, args.fast, state=[model, optimizer])
+    history, best_val_loss, best_epoch, best_state = [], float("inf"), 0, None
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(train.X), device=device)
+        total = torch.zeros((), device=device)
+        for i in range(n_batches):
+            idx = perm[i * batch : (i + 1) * batch]
+            total += step(train.X[idx], train.Y[idx].float(), train.observed[idx].float())  # on the device: no sync
+        lr = float(optimizer.param_groups[0]["lr"])  # this epoch's rate, read before the scheduler halves it
+        scheduler.step()
+
+        # model selection: the validation BCE over observed labels
+        p = common.predict(model, val.X)
+        val_bce = F.binary_cross_entropy(p, val_y, reduction="none")
+        val_loss = ((val_bce * val_mask).sum() / val_mask.sum().clamp(min=1)).item()
+        train_loss = (total / n_batches).item()  # host syncs: once an epoch
+        if val_loss < best_val_loss:
+            best_val_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=time.time() - t0))
+        board.log(history[-1], stage)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | {stage}_train_loss {train_loss:.4f} val_loss {val_loss:.4f} | "
+            f"{history[-1]['seconds']:.2f}s",
+            flush=True,
+        )
+    model.load_state_dict(best_state)
+    return model, best_state, dict(history=history, best_epoch=best_epoch, best_val_loss=best_val_loss)
+
+
 def main():
     # TRY NOT TO MODIFY: options, run folder, seeding, device, data
     args = common.parse_args(get_parser(), TABLE_I)
@@ -175,12 +185,8 @@ def main():
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
 
-    # ALGO LOGIC: stage 1, the prior model: B1's masked BCE over the observed labels (the paper's Ignore mode)
-    def masked_bce(p, y, observed):
-        bce = F.binary_cross_entropy(p, y, reduction="none")
-        return (bce * observed).sum() / observed.sum().clamp(min=1)
-
-    prior_model, prior_state, stage1 = fit(args, data, device, "prior", masked_bce, board)
+    # ALGO LOGIC: stage 1, the prior model: B1 over the observed labels (the paper's Ignore mode)
+    prior_model, prior_state, stage1 = fit(args, data, device, "prior", None, board)
 
     # ALGO LOGIC: the class prior, the prior model's mean score on the training clips; the classes it ignores
     prior = common.predict(prior_model, data.train.X).mean(0)  # (C,)
@@ -195,17 +201,12 @@ def main():
         prior=dict(zip(data.class_names, prior.tolist())), ignored_classes=names, prior_threshold=args.prior_threshold
     )
     if data.train.Y_full is not None:  # complete truth known: how close is the estimated prior?
-        true_prior = data.train.Y_full.mean(0)
+        true_prior = data.train.Y_full.float().mean(0)
         selection["prior_mean_abs_error"] = float((prior - true_prior).abs().mean())
         print(f"estimated prior vs the truth: mean absolute error {selection['prior_mean_abs_error']:.3f}", flush=True)
 
     # ALGO LOGIC: stage 2, a fresh model with the selective partial asymmetric loss
-    def selective_loss(p, y, observed):
-        weights = selective_weights(p.detach(), observed, ignored_class, args.likelihood_topk)
-        loss = partial_asymmetric_loss(p, y, observed, weights, args.gamma_pos, args.gamma_neg, args.gamma_unann)
-        return loss.mean()  # over all B * C labels
-
-    model, state, stage2 = fit(args, data, device, "selective", selective_loss, board)
+    model, state, stage2 = fit(args, data, device, "selective", ignored_class, board)
 
     # TRY NOT TO MODIFY: test the selected model, write the run
     scores = common.predict(model, data.test.X)

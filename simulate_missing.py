@@ -28,7 +28,7 @@ import figures
 import runcheck
 
 METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
-SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--drop-seed", "--out", "--threads")
+SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
 
 
@@ -57,12 +57,14 @@ def check_options(args, extra, own):
     for name in [g[0] for g in option_groups(extra)] + [f"--{k}" for k in args.vary]:
         if name in set_by_sweep:
             common.fail(
-                f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-seed, "
+                f"{name}: the sweep sets this itself (use --rates, --seeds, --vary, --drop-per-seed, "
                 f"--threads, --devices, --out, or run the method script directly)"
             )
         if name not in accepted:
             hint = runcheck.did_you_mean(name, own | accepted)
             common.fail(f"{name}: no option of the sweep or of {', '.join(args.methods)}{hint}")
+    if args.drop_per_seed and "--drop-seed" in [g[0] for g in option_groups(extra)]:
+        common.fail("--drop-per-seed sets each run's --drop-seed to its training seed; give one of the two")
     both = {f"--{k}" for k in args.vary} & {g[0] for g in option_groups(extra)}
     if both:
         common.fail(f"{sorted(both)[0]} is both varied and passed through; give it once")
@@ -96,7 +98,7 @@ def plan(args, extra):
                 argv = ["--dataset", args.dataset, "--level", args.level, "--out", args.out]
                 argv += ["--seed", str(seed), "--drop-rate", f"{rate:g}"]
                 argv += [t for k, v in values.items() for t in (f"--{k}", v)]
-                if args.drop_seed == "seed" and rate > 0:
+                if args.drop_per_seed and rate > 0:
                     argv += ["--drop-seed", str(seed)]
                 run_args = parse_method_args(module, method, argv + passed)
                 folder = Path(args.out) / common.run_name(run_args, method)
@@ -182,11 +184,10 @@ def get_parser():
         help="an option of the method scripts to put on the grid, e.g. lr=0.001,0.005; repeatable",
     )
     p.add_argument(
-        "--drop-seed",
-        choices=("fixed", "seed"),
-        default="fixed",
-        help="which labels a drop rate removes: the same for every seed (fixed), or drawn with each "
-        "training seed (seed), as the paper's code did (default: fixed)",
+        "--drop-per-seed",
+        action="store_true",
+        help="draw the labels a drop rate removes with each training seed, as the paper's code did, instead of "
+        "the same for every seed (the method scripts' --drop-seed, which passes through)",
     )
     p.add_argument("--jobs", type=common.positive_int, default=1, help="runs at once (default: 1)")
     p.add_argument(

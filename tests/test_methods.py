@@ -345,8 +345,8 @@ def teachers(tmp_path_factory):
     b0 = ok(call("label_enhance.py", "--epochs", 4, "--out", out))
     observed = ok(call("label_enhance.py", "--epochs", 4, "--out", out, "--teacher-selection", "observed"))
     return (
-        metrics_of(out, "synthetic__label_enhance__seed0__epochs4")["teacher"],
-        metrics_of(out, "synthetic__label_enhance__seed0__epochs4__teacher-observed")["teacher"],
+        metrics_of(out, "synthetic__label_enhance__seed0__epochs4")["stage1"],
+        metrics_of(out, "synthetic__label_enhance__seed0__epochs4__teacher-observed")["stage1"],
         observed.stderr,
         b0.stderr,
     )

@@ -202,6 +202,7 @@ def test_a_stopped_run_leaves_no_metrics(sig, code, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's, even from a background job
     )
     for line in proc.stdout:  # wait for the first finished epoch
         if line.startswith("epoch"):
@@ -545,11 +546,24 @@ def test_an_option_of_some_methods_reaches_only_those(tmp_path):
         (["--batch_size", 32], ["did you mean --batch-size?"]),
         (["--vary", "dropout=0.1", "--vary", "dropout=0.2"], ["--vary dropout is given twice"]),
         (["--seeds", -1], ["--seeds", "a seed is a whole number"]),
+        (["--drop-per-seed", "--drop-seed", 7], ["--drop-per-seed sets each run's --drop-seed", "give one of the two"]),
+        (["--drop-seed", "fixed"], ["b1.py: argument --drop-seed: invalid seed_arg value: 'fixed'"]),
     ],
 )
 def test_sweep_refuses_what_it_cannot_run_by_name(args, words, tmp_path):
     refused(call("simulate_missing.py", *sweep(tmp_path, "--seeds", 0, *args)), *words)
     assert not (tmp_path / "o").exists()
+
+
+def drop_seeds(p):
+    """The --drop-seed of each command that a --dry-run printed."""
+    return [shlex.split(line)[shlex.split(line).index("--drop-seed") + 1] for line in ok(p).stdout.splitlines()]
+
+
+def test_drop_seed_means_one_thing_in_the_sweep_and_the_scripts(tmp_path):
+    grid = sweep(tmp_path, "--rates", 0.5, "--seeds", 0, 1, "--dry-run")
+    assert drop_seeds(call("simulate_missing.py", *grid, "--drop-seed", 7)) == ["7", "7"]  # passed through
+    assert drop_seeds(call("simulate_missing.py", *grid, "--drop-per-seed")) == ["0", "1"]  # each training seed
 
 
 def test_sweep_with_runs_made_with_other_settings_is_refused(tmp_path):
