@@ -54,6 +54,14 @@ def main():
     data = common.load_dataset(args, device)
     train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
     val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
+    # ALGO LOGIC: B1 learns "absent" from observed negatives only. With none (positive-only labels, as AudioSet's)
+    # its loss is lowest when every class is called present: refuse rather than train that.
+    if not (train.observed & ~train.Y).any():
+        common.fail(
+            "b1.py needs observed negatives, and these training labels have none (positive-only): its masked loss "
+            "would teach that every class is present; "
+            "b0, label_enhance, large_loss, em or gr_loss learn from the missing labels (docs/results.md)"
+        )
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(

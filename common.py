@@ -169,6 +169,12 @@ def add_run_args(parser):
         default=DROP_SEED,
         help=f"seed of which labels --drop-rate removes (default: {DROP_SEED})",
     )
+    p.add_argument(
+        "--positive-only",
+        action="store_true",
+        help="hide every observed negative of the training labels, so that only positives are labelled, as in "
+        "AudioSet (validation and test keep theirs, as with --drop-rate)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     p.add_argument(
         "--threads",
@@ -269,6 +275,9 @@ def get_device(name=None, threads=DEFAULT_THREADS):
 
 
 def option_value(value):
+    """An option's value in a run's name: numbers as %g, a pair (a schedule's first and last value) as 0,2."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(option_value(v) for v in value)
     return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
@@ -422,8 +431,13 @@ def load_dataset(args, device):
             fail(str(e))
     else:
         arrays, names, info = load_h5(Path(args.dataset))
+    train = arrays["train"]  # the label options change the training labels only; validation and test keep theirs
     if args.drop_rate > 0:
-        arrays["train"]["observed"] = drop_labels(arrays["train"]["observed"], args.drop_rate, args.drop_seed)
+        train["observed"] = drop_labels(train["observed"], args.drop_rate, args.drop_seed)
+    if args.positive_only:  # AudioSet's regime on any data: of the observed labels, only the positives stay
+        if info.get("positive_only"):
+            fail(f"--positive-only: the training labels of --dataset {args.dataset} are positive-only already")
+        train["observed"] = train["Y"] = train["Y"] & train["observed"]  # one array serves both (to_split)
 
     if args.dataset in DATASETS:  # load_h5 compacts its blocks itself
         for a in arrays.values():
@@ -440,10 +454,12 @@ def load_dataset(args, device):
                 f"their metrics are NaN, left out of the means"
             )
     tr, va, te = splits.values()
+    n_observed = tr.observed.sum().item()  # counts, not means: a float copy of AudioSet's labels would take 4 GB
     print(
         f"data: {args.dataset} | train {len(tr.X)} val {len(va.X)} test {len(te.X)} clips | {tuple(tr.X.shape[1:])}"
         f" frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes | "
-        f"{tr.observed.float().mean().item():.1%} of train labels observed",
+        f"{n_observed / tr.observed.numel():.1%} of train labels observed, "
+        f"{tr.Y.sum().item() / max(n_observed, 1):.0%} of them positive",
         flush=True,
     )
     return Data(tr, va, te, list(names), scored, info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
@@ -698,11 +714,26 @@ class AttentionMIL(nn.Module):
     attention-weighted mean of the classifier over time, clamped to [0, 1] -> (B, C). A 1x1 convolution over
     time is a Linear on the last axis; BN normalises each feature over batch and frames together. The input
     scaling is buffers in the state_dict: OpenMIC's X / 255 and SONYC-UST's z-score travel with a saved model.
+    `positive_boost` > 1 scales the positive frame-level class logits before pooling, in training and at test
+    (BoostLU, large_loss.py --boost); it is part of the model, so config carries it to predict.py.
     """
 
-    def __init__(self, n_features, n_classes, layers=3, hidden=128, dropout=0.6, input_offset=0.0, input_scale=1.0):
+    def __init__(
+        self,
+        n_features,
+        n_classes,
+        layers=3,
+        hidden=128,
+        dropout=0.6,
+        input_offset=0.0,
+        input_scale=1.0,
+        positive_boost=1.0,
+    ):
         super().__init__()
         self.config = dict(n_features=n_features, n_classes=n_classes, layers=layers, hidden=hidden, dropout=dropout)
+        if positive_boost != 1:
+            self.config["positive_boost"] = positive_boost
+        self.positive_boost = positive_boost
         self.register_buffer("input_offset", per_feature(input_offset, n_features))  # (D,)
         self.register_buffer("input_scale", per_feature(input_scale, n_features))  # (D,)
         self.input_bn = nn.BatchNorm1d(n_features)
@@ -738,7 +769,10 @@ class AttentionMIL(nn.Module):
         h = h + self.shortcut(x)  # residual from the raw input
         att = torch.sigmoid(self.attention(h)).clamp(1e-7, 1 - 1e-7)  # (B, T, C)
         att = att / att.sum(dim=1, keepdim=True)  # normalised over time
-        cla = torch.sigmoid(self.classifier(h))  # (B, T, C)
+        logits = self.classifier(h)  # (B, T, C) frame-level class scores
+        if self.positive_boost != 1:  # BoostLU (Kim et al. 2023): the positive scores boosted, the negative kept
+            logits = torch.where(logits > 0, self.positive_boost * logits, logits)
+        cla = torch.sigmoid(logits)  # (B, T, C)
         # a saturated classifier can give 1 + eps: clamp, as the paper's code does with hardtanh(0, 1)
         return (att * cla).sum(dim=1).clamp(0.0, 1.0)  # (B, C)
 
@@ -965,7 +999,8 @@ ABOUT_HEADLINE = (
 
 def print_closing_lines(folder, record, primary, submission):
     """What a run leaves: which network is the result, where its files are, what the headline metrics mean,
-    and a warning when the selected epoch is the last (the run may want more epochs)."""
+    and a warning when the selected epoch is the last (the run may want more epochs) or the first (the network
+    has hardly trained)."""
     epochs, best = record["args"]["epochs"], record["best_epoch"]
     print(f"result: network '{primary}' of epoch {best} of {epochs}, selected by its validation loss", flush=True)
     files = "metrics.json (arguments, history, test metrics), model.pt (the networks), test_predictions.npz"
@@ -975,3 +1010,9 @@ def print_closing_lines(folder, record, primary, submission):
     print(f"metrics: {ABOUT_HEADLINE}", flush=True)
     if best == epochs and epochs > 1:
         warn(f"the selected epoch is the last ({best}): the validation loss was still falling; try more --epochs")
+    if best == 1 and epochs > 1:  # B0 and others that take missing labels as negatives (docs/results.md)
+        warn(
+            f"the result is the network of epoch 1 of {epochs}: its validation loss never fell below the first "
+            f"epoch's, so it has hardly trained; the observed labels' positives do this to a model that learns "
+            f"missing = absent (docs/results.md)"
+        )

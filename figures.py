@@ -20,7 +20,15 @@ import numpy as np
 import common
 
 PAPER_NAMES = dict(
-    b0="B0", b1="B1", label_enhance="LE", mean_teacher="MT", le_mean_teacher="LE + MT", large_loss="LL", selective="CSL"
+    b0="B0",
+    b1="B1",
+    label_enhance="LE",
+    mean_teacher="MT",
+    le_mean_teacher="LE + MT",
+    large_loss="LL",
+    selective="CSL",
+    em="EM",
+    gr_loss="GR",
 )
 
 

@@ -99,6 +99,14 @@ def main():
     data = common.load_dataset(args, device)
     train, val = data.train, data.val  # Y and observed: (N, C) bool on the device; cast a batch at a time
     val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
+    # ALGO LOGIC: B1's loss learns "absent" from observed negatives only, and the consistency term cannot stand
+    # in for them. With none (positive-only labels, as AudioSet's) every class would be called present: refuse.
+    if not (train.observed & ~train.Y).any():
+        common.fail(
+            "mean_teacher.py needs observed negatives, and these training labels have none (positive-only): its "
+            "masked BCE would teach that every class is present, and the teacher with it; "
+            "b0, label_enhance, large_loss, em or gr_loss learn from the missing labels (docs/results.md)"
+        )
 
     # TRY NOT TO MODIFY: model, Adam with weight decay 1e-5, the learning rate halved every 30 epochs
     model = common.AttentionMIL(

@@ -184,9 +184,20 @@ def main():
     started = time.time()
     common.seed_everything(args.seed)
     data = common.load_dataset(args, device)
+    # ALGO LOGIC: the class prior comes from a B1 model, which without observed negatives (positive-only labels,
+    # as AudioSet's) calls every class present: every class would be ignored, and stage 2 learn the positives
+    # alone. Refuse rather than train that.
+    if not (data.train.observed & ~data.train.Y).any():
+        common.fail(
+            "selective.py needs observed negatives, and these training labels have none (positive-only): its B1 "
+            "prior model would call every class present and every missing label be ignored; "
+            "b0, label_enhance, large_loss, em or gr_loss learn from the missing labels (docs/results.md)"
+        )
 
     # ALGO LOGIC: stage 1, the prior model: B1 over the observed labels (the paper's Ignore mode)
     prior_model, prior_state, stage1 = fit(args, data, device, "prior", None, board)
+    if stage1["best_epoch"] == 1:
+        common.warn("the prior model was selected at epoch 1: it has likely learnt little, and so has its class prior")
 
     # ALGO LOGIC: the class prior, the prior model's mean score on the training clips; the classes it ignores
     prior = common.predict(prior_model, data.train.X).mean(0)  # (C,)

@@ -27,7 +27,7 @@ import common
 import figures
 import runcheck
 
-METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
+METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective", "em", "gr_loss")
 SET_BY_SWEEP = ("--dataset", "--level", "--seed", "--drop-rate", "--out", "--threads")
 HERE = Path(__file__).resolve().parent
 

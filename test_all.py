@@ -25,6 +25,8 @@ PRIMARY = dict(
     le_mean_teacher="teacher",
     large_loss="model",
     selective="model",
+    em="model",
+    gr_loss="model",
 )
 
 

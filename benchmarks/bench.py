@@ -43,6 +43,8 @@ STAGES = {
     "le_mean_teacher": 2,
     "large_loss": 1,
     "selective": 2,
+    "em": 1,
+    "gr_loss": 1,
 }
 
 

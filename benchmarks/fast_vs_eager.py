@@ -28,14 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's modules
 import common  # noqa: E402
 
-METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective")
+METHODS = ("b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective", "em", "gr_loss")
 RNG_TOLERANCE = 1e-4
 SCHEDULE_TOLERANCE = 1e-5
 
 
 def histories(metrics):
     """Every epoch of every stage: the final stage's history, then a first stage's (teacher, prior)."""
-    first = metrics.get("teacher") or metrics.get("stage1") or {}
+    first = metrics.get("stage1") or {}
     return metrics["history"] + first.get("history", [])
 
 

@@ -647,6 +647,7 @@ def project_load(reader, folder):
         level="fine",
         drop_rate=0.0,
         drop_seed=common.DROP_SEED,
+        positive_only=False,
     )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return common.load_dataset(args, torch.device("cpu"))

@@ -33,7 +33,7 @@ from benchmarks.fixtures import (  # noqa: F401  (re-exported to the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ["b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective"]
+METHODS = ["b0", "b1", "label_enhance", "mean_teacher", "le_mean_teacher", "large_loss", "selective", "em", "gr_loss"]
 
 
 # CI's second part installs the optional packages and sets this: there a test marked `optional` must run, and a
@@ -127,10 +127,16 @@ def metrics_of(out, name=None):
     return json.loads((Path(out) / name / "metrics.json").read_text())
 
 
-def load(dataset, data_dir=".", level="fine", drop_rate=0.0, drop_seed=common.DROP_SEED):
+def load(dataset, data_dir=".", level="fine", drop_rate=0.0, drop_seed=common.DROP_SEED, positive_only=False, **more):
     """common.load_dataset as a script calls it, on the CPU."""
     args = Namespace(
-        dataset=str(dataset), data_dir=str(data_dir), level=level, drop_rate=drop_rate, drop_seed=drop_seed
+        dataset=str(dataset),
+        data_dir=str(data_dir),
+        level=level,
+        drop_rate=drop_rate,
+        drop_seed=drop_seed,
+        positive_only=positive_only,
+        **more,
     )
     return common.load_dataset(args, torch.device("cpu"))
 

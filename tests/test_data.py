@@ -377,6 +377,31 @@ def test_drop_labels_touches_only_observed_training_labels():
     assert torch.equal(load("synthetic", drop_rate=0.4).train.observed, after)
 
 
+def test_labels_stay_one_byte_each_on_the_device():
+    d = load("synthetic")
+    assert d.train.Y.dtype == d.train.observed.dtype == d.train.Y_full.dtype == torch.bool
+
+
+def test_positive_only_hides_every_observed_negative_of_the_training_labels_and_no_other():
+    d0, d = load("synthetic"), load("synthetic", positive_only=True)
+    assert torch.equal(d.train.observed, d0.train.Y & d0.train.observed)  # the observed positives, all of them
+    assert torch.equal(d.train.Y, d0.train.Y)
+    assert not (d.train.observed & ~d.train.Y).any()
+    assert d.train.Y is d.train.observed  # one tensor serves both
+    assert torch.equal(d.val.observed, d0.val.observed) and torch.equal(d.test.observed, d0.test.observed)
+
+
+def test_positive_only_after_a_drop_keeps_the_positives_the_drop_left():
+    dropped, both = load("synthetic", drop_rate=0.4), load("synthetic", drop_rate=0.4, positive_only=True)
+    assert torch.equal(both.train.observed, dropped.train.observed & dropped.train.Y)
+
+
+def test_positive_only_works_on_h5_and_openmic(tmp_path, openmic):
+    for d in (load(write_h5(tmp_path / "x.h5"), positive_only=True), load("openmic", tmp_path, positive_only=True)):
+        assert d.train.observed.any() and not (d.train.observed & ~d.train.Y).any()
+        assert (d.val.observed & ~d.val.Y).any()  # validation keeps its negatives
+
+
 def test_drop_seed_changes_which_labels_not_how_many():
     a, b = load("synthetic", drop_rate=0.4), load("synthetic", drop_rate=0.4, drop_seed=7)
     assert a.train.observed.sum() == b.train.observed.sum()
@@ -386,7 +411,8 @@ def test_drop_seed_changes_which_labels_not_how_many():
 def test_synthetic_data_is_partially_labelled_and_fixed():
     d = load("synthetic")
     assert 0.08 < d.train.observed.float().mean().item() < 0.14
-    assert d.train.Y[d.train.observed].mean().item() > 2 * d.train.Y_full.mean().item()  # positives over-represented
+    positives_observed = d.train.Y[d.train.observed].float().mean().item()
+    assert positives_observed > 2 * d.train.Y_full.float().mean().item()  # positives over-represented
     assert torch.equal(load("synthetic").train.X, d.train.X)
 
 

@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import common
+import em
+import gr_loss
 import label_enhance
 import large_loss
 import le_mean_teacher
@@ -188,6 +190,91 @@ def test_partial_asymmetric_loss_leaves_ignored_labels_out():
     weights = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     loss = selective.partial_asymmetric_loss(p, torch.zeros(2, 3), observed, weights, 0.0, 1.0, 4.0)
     assert (loss[weights == 0] == 0).all() and (loss[weights == 1] > 0).all()
+
+
+def em_case():
+    p = torch.tensor([[0.8, 0.3, 0.5, 0.1]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    observed = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # a positive, an observed negative, two missing labels
+    return p, y, observed
+
+
+def test_em_trains_observed_labels_by_bce_and_missing_ones_towards_uncertainty():
+    p, y, observed = em_case()
+    none = torch.zeros(1, 4)
+    loss = em.em_loss_matrix(p, y, observed, none, none, entropy_weight=0.1, apl_weight=0.9)
+    entropy = [-(q * np.log(q + 1e-5) + (1 - q) * np.log(1 - q + 1e-5)) for q in (0.5, 0.1)]
+    expected = [-np.log(0.8), -np.log(0.7), -0.1 * entropy[0], -0.1 * entropy[1]]
+    assert loss.detach()[0].tolist() == pytest.approx(expected, rel=1e-5)
+    loss.sum().backward()  # entropy maximised: a missing label at 0.5 gets no push, one at 0.1 is pulled up
+    assert p.grad[0, 2].item() == pytest.approx(0.0, abs=1e-5)
+    assert p.grad[0, 3].item() < 0
+
+
+def test_em_apl_soft_negatives_replace_the_entropy_term_and_nothing_else():
+    p, y, observed = em_case()
+    soft = torch.tensor([[0.0, 0.0, 0.0, 1.0]])  # the last missing label is a soft negative, target 0.05
+    target = torch.tensor([[0.0, 0.0, 0.0, 0.05]])
+    plain = em.em_loss_matrix(p, y, observed, torch.zeros(1, 4), torch.zeros(1, 4), 0.1, 0.9)
+    loss = em.em_loss_matrix(p, y, observed, soft, target, 0.1, 0.9)
+    assert loss[0, 3].item() == pytest.approx(0.9 * -(0.05 * np.log(0.1) + 0.95 * np.log(0.9)), rel=1e-5)
+    assert torch.equal(loss[0, :3], plain[0, :3])
+
+
+def test_apl_picks_the_lowest_scored_missing_labels_of_each_class_once():
+    scores = torch.tensor([[0.1, 0.9], [0.2, 0.05], [0.3, 0.5], [0.05, 0.6]])
+    missing = torch.tensor([[True, True], [True, True], [True, False], [False, True]])
+    soft = torch.zeros(4, 2, dtype=torch.bool)
+    target = torch.zeros(4, 2, dtype=torch.float16)
+    assert em.pick_soft_negatives(scores, missing, soft, target, torch.tensor([1.0, 2.0])) == 3
+    # class 0: the lowest missing one is 0.1 (0.05 is observed); class 1: 0.05 and 0.6
+    assert soft.tolist() == [[True, False], [False, True], [False, False], [False, True]]
+    assert target[1, 1].item() == pytest.approx(0.05, rel=1e-3)
+    # the next ones, never one twice: class 0's 0.2, and class 1's one left (0.9), though 2 were asked for
+    assert em.pick_soft_negatives(scores, missing, soft, target, torch.tensor([1.0, 2.0])) == 2
+    assert soft.tolist() == [[True, True], [True, True], [False, False], [False, True]]
+
+
+def test_gr_loss_by_hand():
+    p = torch.tensor([[0.8, 0.3, 0.6]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    observed = torch.tensor([[1.0, 1.0, 0.0]])
+    w, b, mu, sigma = (torch.tensor(v) for v in (2.0, -2.0, 0.8, 0.5))
+    loss = gr_loss.gr_loss_matrix(p, y, observed, w, b, mu, sigma, q2=0.01, q3=1.0)
+    k = 1 / (1 + np.exp(-(2 * 0.6 - 2)))
+    v = np.exp(-0.5 * ((0.6 - 0.8) / 0.5) ** 2)
+    missing = v * (k * (1 - (0.6 + 1e-7) ** 0.01) / 0.01 + (1 - k) * 0.6)
+    assert loss.detach()[0].tolist() == pytest.approx([-np.log(0.8), -np.log(0.7), missing], rel=1e-5)
+    loss.sum().backward()  # K and V are constants: d/dp of v (k L1 + (1 - k) p) only
+    grad = v * (k * -((0.6 + 1e-7) ** (0.01 - 1)) + (1 - k))
+    assert p.grad[0, 2].item() == pytest.approx(grad, rel=1e-4)
+
+
+def test_gr_schedules_at_their_ends_are_the_official_ones():
+    assert gr_loss.schedule(1, 100, 0.0, 2.0, offset=1) == 0.0  # w at the first epoch
+    assert gr_loss.schedule(100, 100, 0.0, 2.0, offset=1) == pytest.approx(1.98)  # (E - 1) / E of the way
+    assert gr_loss.schedule(1, 100, 0.5, 0.8, offset=0) == pytest.approx(0.503)  # mu: 1 / E of the way at once
+    assert gr_loss.schedule(100, 100, 0.5, 0.8, offset=0) == pytest.approx(0.8)
+    assert gr_loss.schedule(4, 8, 0.5, 0.8, offset=0) == gr_loss.schedule(50, 100, 0.5, 0.8, offset=0)  # same share
+
+
+def test_boost_scales_the_positive_frame_scores_only_and_is_saved_with_the_model():
+    torch.manual_seed(0)
+    plain = common.AttentionMIL(16, 3, layers=1, hidden=16).eval()
+    boosted = common.AttentionMIL(16, 3, layers=1, hidden=16, positive_boost=5.0).eval()
+    boosted.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6, 16)
+    h = plain.input_bn(x.reshape(-1, 16)).view(x.shape)  # the head's frame logits, recomputed by hand
+    for linear, bn in plain.blocks:
+        h = torch.relu(plain._bn(bn, linear(h)))
+    h = h + plain.shortcut(x)
+    att = torch.sigmoid(plain.attention(h)).clamp(1e-7, 1 - 1e-7)
+    att = att / att.sum(dim=1, keepdim=True)
+    logits = plain.classifier(h)
+    expected = (att * torch.sigmoid(torch.where(logits > 0, 5 * logits, logits))).sum(1).clamp(0, 1)
+    assert torch.allclose(boosted(x), expected, atol=1e-6)
+    assert torch.allclose(plain(x), (att * torch.sigmoid(logits)).sum(1).clamp(0, 1), atol=1e-6)
+    assert boosted.config["positive_boost"] == 5.0 and "positive_boost" not in plain.config
 
 
 #####  The training step: no host sync, so a CUDA graph can capture it  ######################################

@@ -214,6 +214,19 @@ def test_a_stopped_run_leaves_no_metrics(sig, code, tmp_path):
     assert not list(tmp_path.rglob("metrics.json"))
 
 
+@pytest.mark.parametrize("method", ["b1", "mean_teacher", "selective"])
+def test_methods_that_need_observed_negatives_refuse_positive_only_labels(method, tmp_path, h5):
+    p = call(f"{method}.py", "--dataset", h5, "--epochs", 1, "--positive-only", "--out", tmp_path / "o")
+    refused(p, f"{method}.py needs observed negatives", "have none (positive-only)", "every class")
+    assert "epoch" not in p.stdout and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("b1", "mean_teacher", "selective")])
+def test_the_other_methods_train_on_positive_only_labels(method, tmp_path, h5):
+    ok(call(f"{method}.py", "--dataset", h5, "--epochs", 1, "--positive-only", "--out", tmp_path))
+    assert run_dirs(tmp_path)[0].name.endswith("__positive-only")
+
+
 #####  Options answered in one line  #######################################################################
 
 
