@@ -97,7 +97,7 @@ def extra_module(name):
 
 #####  Command line and run setup  #################################################################
 
-DATASETS = ("synthetic", "openmic", "sonyc")
+DATASETS = ("synthetic", "openmic", "sonyc", "audioset")
 DROP_SEED = 1234  # --drop-rate's own seed: every method and training seed sees the same reduced labels
 MAX_SEED = 2**32 - 1  # numpy's seeds end there
 # Options that say where and how a run is made, not what it learns: neither in a run's name nor compared when a
@@ -150,10 +150,19 @@ def add_run_args(parser):
         "--dataset",
         type=dataset_arg,
         default="synthetic",
-        help="synthetic (embedded, no download), openmic, sonyc, or a path to your own .h5 file (default: synthetic)",
+        help="synthetic (embedded, no download), openmic, sonyc, audioset, or a path to your own .h5 file "
+        "(default: synthetic)",
     )
-    p.add_argument("--data-dir", default="data", help="folder holding openmic-2018/ or sonyc-ust/ (default: data)")
+    p.add_argument(
+        "--data-dir", default="data", help="folder holding openmic-2018/, sonyc-ust/ or audioset/ (default: data)"
+    )
     p.add_argument("--level", choices=("fine", "coarse"), default="fine", help="SONYC-UST label level (default: fine)")
+    p.add_argument(
+        "--audioset-train",
+        choices=("balanced", "unbalanced", "both"),
+        default="balanced",
+        help="AudioSet's training split: balanced (22 k clips), unbalanced (2 M) or both (default: balanced)",
+    )
     p.add_argument(
         "--seed", type=seed_arg, default=0, help="training seed; the data split never depends on it (default: 0)"
     )
@@ -423,10 +432,10 @@ def load_dataset(args, device):
     """A Data with train / val / test on `device`, chosen by args.dataset."""
     if args.dataset == "synthetic":
         arrays, names, info = make_synthetic(), [f"class{c:02d}" for c in range(20)], {}
-    elif args.dataset in ("openmic", "sonyc"):
+    elif args.dataset in ("openmic", "sonyc", "audioset"):
         module = optional_module(args.dataset, f"--dataset {args.dataset}")
-        try:  # openmic.load reads data_dir/openmic-2018/, sonyc.load data_dir/sonyc-ust/
-            arrays, names, info = module.load(Path(args.data_dir), level=args.level, write_atomic=write_atomic)
+        try:  # reads data_dir/openmic-2018/, data_dir/sonyc-ust/ or data_dir/audioset/
+            arrays, names, info = module.load(Path(args.data_dir), args, write_atomic=write_atomic)
         except module.DataError as e:
             fail(str(e))
     else:
@@ -863,8 +872,8 @@ def evaluate(scores, split, data):
         )
         out.update(ranking_metrics(scores, full, everything, data.class_names, data.scored, "full_truth"))
         out["present_share_full_truth"] = float(full.mean())
-    if "metrics" in data.info:  # a dataset's own metrics: SONYC-UST's official DCASE ones
-        out.update(data.info["metrics"](scores, split.extra))
+    if "metrics" in data.info:  # a dataset's own metrics: SONYC-UST's official DCASE ones, AudioSet's mAP
+        out.update(data.info["metrics"](scores, Y, split.extra))
     return out
 
 
@@ -876,6 +885,9 @@ HEADLINE = (
     "ap_macro_full_truth",
     "dcase_fine_macro_auprc",
     "dcase_coarse_macro_auprc",
+    "map",
+    "mean_auc",
+    "d_prime",
     "scored_present_share",
     "present_share_masked",
     "present_share_full_truth",
@@ -976,43 +988,45 @@ def save_run(folder, record, networks, primary, model, test_scores, data):
         arrays["labels_full_truth"] = test.Y_full.cpu().numpy()
     if test.keys is not None:
         arrays["keys"] = np.array(test.keys)
+    if "facts" in data.info:  # what a reader records of its data (AudioSet: padded clips, the validation split)
+        record["data"] = data.info["facts"]
+    files = data.info.get("files", {})  # a dataset's own files: SONYC-UST's DCASE submission, AudioSet's per class
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "model.pt", lambda p: torch.save(bundle, p))
         write_atomic(folder / "test_predictions.npz", lambda p: np.savez(p, **arrays))
-        if "write_predictions" in data.info:  # a dataset's own layout: SONYC-UST's DCASE submission
-            write = data.info["write_predictions"]
-            write_atomic(folder / "test_predictions.csv", lambda p: write(p, scores, test.keys))
+        for name, (write, _) in files.items():
+            write_atomic(folder / name, lambda p: write(p, scores, test, record["test"]))
         write_atomic(folder / "metrics.json", lambda p: Path(p).write_text(json.dumps(jsonable(record), indent=1)))
     except OSError as e:
         fail(f"cannot write the run to {folder}: {e}")
     release_run_dir()
-    print_closing_lines(folder, record, primary, bool(data.info.get("write_predictions")))
+    print_closing_lines(folder, record, primary, {name: about for name, (_, about) in files.items()})
 
 
 ABOUT_HEADLINE = (
     "f1_macro: the paper's F1 at 0.5 on the observed test labels; auprc_/ap_macro_masked: threshold-free, the same "
-    "labels; *_full_truth: against every label (synthetic data); scored_present_share: entries scored >= 0.5 "
-    "(docs/metrics.md)"
+    "labels; *_full_truth: against every label (synthetic data); map, mean_auc, d_prime: AudioSet's; "
+    "scored_present_share: entries scored >= 0.5 (docs/metrics.md)"
 )
 
 
-def print_closing_lines(folder, record, primary, submission):
+def print_closing_lines(folder, record, primary, dataset_files):
     """What a run leaves: which network is the result, where its files are, what the headline metrics mean,
     and a warning when the selected epoch is the last (the run may want more epochs) or the first (the network
     has hardly trained)."""
     epochs, best = record["args"]["epochs"], record["best_epoch"]
     print(f"result: network '{primary}' of epoch {best} of {epochs}, selected by its validation loss", flush=True)
     files = "metrics.json (arguments, history, test metrics), model.pt (the networks), test_predictions.npz"
-    if submission:
-        files += ", test_predictions.csv (DCASE submission)"
+    for name, about in dataset_files.items():
+        files += f", {name} ({about})"
     print(f"wrote {folder}/: {files}", flush=True)
     print(f"metrics: {ABOUT_HEADLINE}", flush=True)
     if best == epochs and epochs > 1:
         warn(f"the selected epoch is the last ({best}): the validation loss was still falling; try more --epochs")
     if best == 1 and epochs > 1:  # B0 and others that take missing labels as negatives (docs/results.md)
         warn(
-            f"the result is the network of epoch 1 of {epochs}: its validation loss never fell below the first "
-            f"epoch's, so it has hardly trained; the observed labels' positives do this to a model that learns "
-            f"missing = absent (docs/results.md)"
+            f"the result is the network of epoch 1 of {epochs}: its validation loss was lowest after one epoch, so "
+            f"it has hardly trained; docs/results.md says when this happens (observed labels that over-represent "
+            f"positives, a model that learns missing = absent) and what helps"
         )

@@ -268,6 +268,6 @@ def load_openmic(root, val_share=0.15, split_seed=0):
     return {s: take(rows[s]) for s in ("train", "val", "test")}, names, dict(input_scale=1 / 255, source=npz_path)
 
 
-def load(data_dir, level=None, write_atomic=None):
+def load(data_dir, options=None, write_atomic=None):
     """What common.load_dataset calls for --dataset openmic: the archive unpacked in data_dir/openmic-2018/."""
     return load_openmic(data_dir / "openmic-2018")

@@ -5,7 +5,8 @@
 RUN_DIR is a finished run's folder; its model.pt holds the reported network (for mean teacher, the EMA
 teacher; for label enhancement, the student), the class names and the input scaling. INPUT is an .h5
 with a dataset X (N, T, D), or an .npz with X (N, T, D) or embedding (one clip, (T, D), as openl3 writes
-it, or (N, T, D)); optional keys (N,) name the clips. Give the embeddings as the run's data stored them
+it, or (N, T, D)); optional keys (N,) name the clips. Or an AudioSet .tfrecord file, as released (audioset.py
+reads it; its clips are named <video_id>_<start>). Give the embeddings as the run's data stored them
 (OpenMIC's 0..255 bytes, raw OpenL3 floats): the model applies the run's own scaling. From Python:
 
     from predict import load_run
@@ -46,8 +47,14 @@ def read_input(path):
     """(X (N, T, D), keys or None) from an .npz (no pickle) or an .h5 file."""
     if not path.is_file():
         common.fail(f"no such file: {path}")
+    if path.suffix == ".tfrecord":  # AudioSet's own files; audioset.py checks every record
+        audioset = common.optional_module("audioset", "a .tfrecord input")
+        try:
+            return audioset.read_clips(path)
+        except audioset.DataError as e:
+            common.fail(str(e))
     if path.suffix not in (".h5", ".hdf5", ".npz"):
-        common.fail(f"{path}: expected an .h5 or .npz file")
+        common.fail(f"{path}: expected an .h5, .npz or .tfrecord file")
     if path.suffix == ".npz" and not zipfile.is_zipfile(path):
         common.fail(f"cannot read {path}: not an .npz (zip) archive; truncated or not written by numpy.savez?")
     try:
@@ -83,7 +90,7 @@ def read_input(path):
 def main():
     p = argparse.ArgumentParser(description="Tag new clips with a trained run.", allow_abbrev=False)
     p.add_argument("run_dir", type=Path, help="a finished run's folder (it holds model.pt)")
-    p.add_argument("input", type=Path, help=".h5 with X, or .npz with X or embedding")
+    p.add_argument("input", type=Path, help=".h5 with X, .npz with X or embedding, or an AudioSet .tfrecord")
     p.add_argument(
         "--out",
         type=Path,

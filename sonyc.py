@@ -187,7 +187,7 @@ def load_sonyc(root, level, write_atomic=None):
     """SONYC-UST v2 as released plus the OpenL3 embeddings. Returns ({split: arrays}, class names,
     info). X keeps its float32 embeddings as stored: info's input_offset / input_scale are the
     training split's z-score (mean, 1 / std over clips and frames), which the model applies; info's
-    metrics and write_predictions add the official DCASE metrics and the submission CSV to every run."""
+    metrics and files add the official DCASE metrics and the submission CSV to every run."""
     csv_path = root / "annotations.csv"
     if not csv_path.is_file():
         fail(f"missing {csv_path}\n" + LAYOUT.format(root=root))
@@ -218,15 +218,21 @@ def load_sonyc(root, level, write_atomic=None):
         dict(
             input_offset=mean.astype(np.float32),
             input_scale=(1 / std).astype(np.float32),
-            metrics=lambda scores, truth: dcase_metrics(scores, truth, tax, level),  # common.evaluate
-            write_predictions=lambda path, scores, files: write_submission(path, scores, files, tax, level),
+            metrics=lambda scores, labels, truth: dcase_metrics(scores, truth, tax, level),  # common.evaluate
+            files={  # common.save_run
+                "test_predictions.csv": (
+                    lambda path, scores, split, test: write_submission(path, scores, split.keys, tax, level),
+                    "DCASE submission",
+                )
+            },
         ),
-    )  # save_run
+    )
 
 
-def load(data_dir, level="fine", write_atomic=None):
-    """What common.load_dataset calls for --dataset sonyc: data_dir/sonyc-ust/ (annotations.csv, embeddings/)."""
-    return load_sonyc(data_dir / "sonyc-ust", level, write_atomic=write_atomic)
+def load(data_dir, options=None, write_atomic=None):
+    """What common.load_dataset calls for --dataset sonyc: data_dir/sonyc-ust/ (annotations.csv, embeddings/),
+    at options.level (fine or coarse)."""
+    return load_sonyc(data_dir / "sonyc-ust", getattr(options, "level", "fine"), write_atomic=write_atomic)
 
 
 def _cache_key(root, clips, csv_hash):

@@ -242,3 +242,127 @@ def write_sonyc(root, rows=SONYC_ROWS, drop_column=None, bad_value=None, skip_em
             timestamps=np.arange(shape[0], dtype=np.float64),
         )
     return root
+
+
+#####  AudioSet, as the features archive unpacks: TFRecord files of SequenceExamples  #########################
+# The project's own TFRecord writer: the protobuf wire format and the masked CRC-32C written here from the format's
+# description (DATA.md), sharing no code with audioset.py's reader, so that a mistake in one is not mirrored in
+# the other.
+
+AUDIOSET_CLASSES = [
+    ("/m/09x0r", "Speech"),
+    ("/m/04rlf", "Music"),
+    ("/m/0jbk", "Animal"),
+    ("/m/07yv9", "Vehicle"),
+    ("/m/0ytgt", "Child speech, kid speaking"),  # a name with a comma: quoted in the CSV
+    ("/m/03m9d0z", "Wind"),
+]
+
+
+def crc32c_bitwise(data):
+    """CRC-32C (Castagnoli), one bit at a time: slow and plain."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):
+    c = crc32c_bitwise(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def pb_varint(n):
+    n &= (1 << 64) - 1  # a negative int64 as protobuf writes it: ten bytes
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_field(number, payload, wire=2):
+    """One field: its key, then a varint (wire 0) or a length and bytes (wire 2)."""
+    key = pb_varint(number << 3 | wire)
+    return key + (pb_varint(payload) if wire == 0 else pb_varint(len(payload)) + payload)
+
+
+def pb_feature(kind, values):
+    """A tf.train.Feature: kind 'bytes' (BytesList), 'float' (FloatList, packed) or 'int64' (Int64List, packed)."""
+    if kind == "bytes":
+        inner = b"".join(pb_field(1, v) for v in values)
+        return pb_field(1, inner)
+    if kind == "float":
+        return pb_field(2, pb_field(1, np.asarray(values, "<f4").tobytes()))
+    return pb_field(3, pb_field(1, b"".join(pb_varint(int(v)) for v in values)))
+
+
+def pb_map(entries):
+    """A Features or FeatureLists message: map<string, value>."""
+    return b"".join(pb_field(1, pb_field(1, name.encode()) + pb_field(2, value)) for name, value in entries.items())
+
+
+def sequence_example(video_id, start, end, labels, frames):
+    """A tf.train.SequenceExample as AudioSet's records are: context video_id, start/end times, labels; feature
+    list audio_embedding, one 128-byte BytesList per second (`frames`: a list of bytes)."""
+    context = pb_map(
+        {
+            "video_id": pb_feature("bytes", [video_id.encode()]),
+            "start_time_seconds": pb_feature("float", [start]),
+            "end_time_seconds": pb_feature("float", [end]),
+            "labels": pb_feature("int64", labels),
+        }
+    )
+    embedding = b"".join(pb_field(1, pb_feature("bytes", [f])) for f in frames)  # a FeatureList
+    return pb_field(1, context) + pb_field(2, pb_map({"audio_embedding": embedding}))
+
+
+def tfrecord(data):
+    """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C."""
+    length = len(data).to_bytes(8, "little")
+    return length + masked_crc32c(length).to_bytes(4, "little") + data + masked_crc32c(data).to_bytes(4, "little")
+
+
+def write_tfrecord(path, records):
+    Path(path).write_bytes(b"".join(tfrecord(r) for r in records))
+
+
+def audioset_clips(n, rng, n_classes, prefix, short=()):
+    """n clips: (video_id, start, labels, X (frames, 128) uint8); the clips numbered in `short` have 7 frames."""
+    clips = []
+    for i in range(n):
+        labels = sorted(rng.choice(n_classes, size=rng.integers(1, 3), replace=False).tolist())
+        frames = 7 if i in short else 10
+        X = rng.integers(0, 256, (frames, 128), dtype=np.uint8)
+        clips.append((f"{prefix}{i:07d}"[-11:], float(30 * (i % 5)), labels, X))
+    return clips
+
+
+def write_audioset(root, n_bal=24, n_eval=12, n_unbal=16, short=(3,), per_file=5, seed=0):
+    """A tiny audioset/ folder as the features archive unpacks, with class_labels_indices.csv; files named by the
+    first two characters of the video id and holding per_file clips each. Returns (folder, {split: clips})."""
+    rng = np.random.default_rng(seed)
+    root = Path(root) / "audioset"
+    clips = dict(
+        bal_train=audioset_clips(n_bal, rng, len(AUDIOSET_CLASSES), "b", short),
+        eval=audioset_clips(n_eval, rng, len(AUDIOSET_CLASSES), "e"),
+        unbal_train=audioset_clips(n_unbal, rng, len(AUDIOSET_CLASSES), "u"),
+    )
+    for split, items in clips.items():
+        folder = root / "audioset_v1_embeddings" / split
+        folder.mkdir(parents=True)
+        for f in range(0, len(items), per_file):
+            records = [
+                sequence_example(v, s, s + len(X), labels, [bytes(row) for row in X])
+                for v, s, labels, X in items[f : f + per_file]
+            ]
+            write_tfrecord(folder / f"{split[0]}{f // per_file:01d}.tfrecord", records)
+    with open(root / "class_labels_indices.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "mid", "display_name"])
+        for i, (mid, name) in enumerate(AUDIOSET_CLASSES):
+            w.writerow([i, mid, name])
+    return root, clips
