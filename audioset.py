@@ -429,6 +429,9 @@ def build_cache(files, n_classes, key, path):
                 footer["dtypes"][name] = a.dtype.str
             data = json.dumps(footer).encode()
             out.write(data + struct.pack("<Q", len(data)))
+        umask = os.umask(0o022)  # the mode open() would give a new file: 0666 less the umask (read by setting it)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -516,14 +519,12 @@ def cached_split(root, split, classes_path, n_classes, rebuild=False):
 #####  The splits as the methods read them  #######################################################
 
 
-def dense(offsets, indices, rows, n_classes):
-    """Bool (len(rows), C) labels of the clips `rows` from compressed rows (offsets (N + 1,), class indices)."""
+def dense(offsets, indices, rows, out):
+    """Set out[i, c] where clip rows[i] has label c, from compressed rows (offsets (N + 1,), class indices)."""
     counts = offsets[rows + 1] - offsets[rows]
     first = np.cumsum(counts) - counts  # where each clip's labels start in the gathered list
     gather = np.repeat(offsets[rows] - first, counts) + np.arange(int(counts.sum()))
-    Y = np.zeros((len(rows), n_classes), bool)
-    Y[np.repeat(np.arange(len(rows)), counts), indices[gather].astype(np.int64)] = True
-    return Y
+    out[np.repeat(np.arange(len(rows)), counts), indices[gather].astype(np.int64)] = True
 
 
 def first_duplicate(arrays):
@@ -584,9 +585,10 @@ def load_audioset(root, train="balanced"):
 
     out, facts = {}, dict(train_splits=list(SOURCES[train]), padded_clips={}, truncated_clips={})
     for s, parts in taken.items():
-        Y = np.concatenate(
-            [dense(arrays[src]["label_offsets"], arrays[src]["labels"], r, n_classes) for src, r in parts]
-        )
+        Y, at = np.zeros((len(rows[s]), n_classes), bool), 0  # filled in place: no copy of 1 GB of labels
+        for src, r in parts:
+            dense(arrays[src]["label_offsets"], arrays[src]["labels"], r, Y[at : at + len(r)])
+            at += len(r)
         frames = np.concatenate([arrays[src]["frames"][r] for src, r in parts])
         facts["padded_clips"][s] = int((frames < FRAMES).sum())
         facts["truncated_clips"][s] = int((frames > FRAMES).sum())

@@ -56,7 +56,7 @@ def main():
     val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
     # ALGO LOGIC: B1 learns "absent" from observed negatives only. With none (positive-only labels, as AudioSet's)
     # its loss is lowest when every class is called present: refuse rather than train that.
-    if not (train.observed & ~train.Y).any():
+    if not common.has_observed_negative(train):
         common.fail(
             "b1.py needs observed negatives, and these training labels have none (positive-only): its masked loss "
             "would teach that every class is present; "

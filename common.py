@@ -463,15 +463,30 @@ def load_dataset(args, device):
                 f"their metrics are NaN, left out of the means"
             )
     tr, va, te = splits.values()
-    n_observed = tr.observed.sum().item()  # counts, not means: a float copy of AudioSet's labels would take 4 GB
+    n_observed = torch.count_nonzero(tr.observed).item()  # not .sum(): that makes an int64 copy first
     print(
         f"data: {args.dataset} | train {len(tr.X)} val {len(va.X)} test {len(te.X)} clips | {tuple(tr.X.shape[1:])}"
         f" frames x features, {str(tr.X.dtype).removeprefix('torch.')} | {len(names)} classes | "
         f"{n_observed / tr.observed.numel():.1%} of train labels observed, "
-        f"{tr.Y.sum().item() / max(n_observed, 1):.0%} of them positive",
+        f"{torch.count_nonzero(tr.Y).item() / max(n_observed, 1):.0%} of them positive",
         flush=True,
     )
     return Data(tr, va, te, list(names), scored, info.pop("input_offset", 0.0), info.pop("input_scale", 1.0), info)
+
+
+def count_per_class(mask, rows=65536):
+    """(C,) int64: the True entries of each column of a bool (N, C) tensor, a block of rows at a time. torch's
+    sum over a bool tensor first makes an int64 copy of it: 8.5 GB for AudioSet's training labels."""
+    counts = torch.zeros(mask.shape[1], dtype=torch.int64, device=mask.device)
+    for first in range(0, len(mask), rows):
+        counts += mask[first : first + rows].sum(0)
+    return counts
+
+
+def has_observed_negative(split):
+    """Whether any observed label is a negative; False for positive-only labels (AudioSet's, --positive-only).
+    Y is True only where observed, so that is observed != Y (compared without a temporary copy)."""
+    return split.Y is not split.observed and not torch.equal(split.Y, split.observed)
 
 
 def on_device(values, dtype, device):

@@ -53,13 +53,13 @@ def em_loss_matrix(p, y, observed, soft, target, entropy_weight, apl_weight):
 
 
 @torch.no_grad()
-def pick_soft_negatives(scores, missing, soft, target, count):
+def pick_soft_negatives(scores, observed, soft, target, count):
     """APL, once an epoch: per class c, the count[c] missing labels not picked yet that score lowest become soft
-    negatives (soft True), with their score as frozen target. scores (N, C); missing, soft (N, C) bool; target
+    negatives (soft True), with their score as frozen target. scores (N, C); observed, soft (N, C) bool; target
     (N, C) float16, changed in place. Returns the number picked."""
     picked = 0
     for c in range(scores.shape[1]):
-        free = missing[:, c] & ~soft[:, c]  # (N,) candidates
+        free = ~observed[:, c] & ~soft[:, c]  # (N,) candidates: missing, not picked yet
         k = min(int(count[c]), int(free.sum()))
         if k == 0:
             continue
@@ -140,8 +140,8 @@ def main():
         soft = torch.zeros(n_classes, dtype=torch.bool, device=device).expand(n, n_classes)
         target = torch.zeros(n_classes, dtype=torch.float16, device=device).expand(n, n_classes)
     warmup = args.epochs // 2  # the official 5 of 10 epochs: pseudo-labels from the end of epoch `warmup` on
-    missing = ~train.observed
-    per_epoch = args.neg_proportion * missing.sum(0) / max(args.epochs - warmup, 1)  # (C,) soft negatives an epoch
+    missing = n - common.count_per_class(train.observed)  # (C,) missing labels per class
+    per_epoch = args.neg_proportion * missing / max(args.epochs - warmup, 1)  # (C,) soft negatives an epoch
 
     # ALGO LOGIC: one training step of EM (and APL)
     def train_step(x, y, observed, soft, target):  # x (B, T, D); y, observed, soft, target (B, C)
@@ -181,8 +181,8 @@ def main():
         # ALGO LOGIC: APL, after the warm-up: the training clips scored in eval mode, soft negatives picked
         entry = {}
         if args.apl and epoch >= warmup:
-            picked = pick_soft_negatives(common.predict(model, train.X), missing, soft, target, per_epoch)
-            entry["soft_negative_share"] = soft.sum().item() / max(missing.sum().item(), 1)
+            picked = pick_soft_negatives(common.predict(model, train.X), train.observed, soft, target, per_epoch)
+            entry["soft_negative_share"] = torch.count_nonzero(soft).item() / max(missing.sum().item(), 1)
             entry["picked"] = picked
 
         # model selection: the validation BCE over observed labels

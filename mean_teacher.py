@@ -101,7 +101,7 @@ def main():
     val_y, val_mask = val.Y.float(), val.observed.float()  # (N_val, C) 1 = present, 1 = observed
     # ALGO LOGIC: B1's loss learns "absent" from observed negatives only, and the consistency term cannot stand
     # in for them. With none (positive-only labels, as AudioSet's) every class would be called present: refuse.
-    if not (train.observed & ~train.Y).any():
+    if not common.has_observed_negative(train):
         common.fail(
             "mean_teacher.py needs observed negatives, and these training labels have none (positive-only): its "
             "masked BCE would teach that every class is present, and the teacher with it; "

@@ -187,7 +187,7 @@ def main():
     # ALGO LOGIC: the class prior comes from a B1 model, which without observed negatives (positive-only labels,
     # as AudioSet's) calls every class present: every class would be ignored, and stage 2 learn the positives
     # alone. Refuse rather than train that.
-    if not (data.train.observed & ~data.train.Y).any():
+    if not common.has_observed_negative(data.train):
         common.fail(
             "selective.py needs observed negatives, and these training labels have none (positive-only): its B1 "
             "prior model would call every class present and every missing label be ignored; "

@@ -1,17 +1,21 @@
-"""Fuzz the three data readers: seeded random corruptions of small valid datasets in the official layouts.
+"""Fuzz the four data readers: seeded random corruptions of small valid datasets in the official layouts.
 
     python benchmarks/fuzz.py                          # 1,000 cases per reader, seed 0
-    python benchmarks/fuzz.py --cases 300 --seed 7 --readers h5
+    python benchmarks/fuzz.py --cases 300 --seed 7 --readers h5 audioset
 
-Each case copies a valid dataset (OpenMIC-2018 as the archive unpacks, SONYC-UST v2 as released with
-openl3's embeddings, or an .h5 in this project's layout), applies one random corruption (truncation, byte
-flips, wrong dtypes and shapes, NaN and inf, out-of-range values, missing and extra members, columns and
-files, non-UTF-8 and very long strings, duplicate and overlapping ids, damaged zip and HDF5 structure,
-crafted pickles, ...) and loads it as a run does (common.load_dataset). An independent reader written here,
-which shares no code with the project's, decides whether the corrupted files are still valid data.
-A case passes when the run loads valid data and gets the same arrays as the independent reader, or stops
-with the project's one-line error (under 300 characters) on invalid data. It fails on a traceback, a hang
-(30 s), invalid data loaded, wrong data loaded, or valid data refused. Prints a table; exit 1 on a failure.
+Each case copies a valid dataset (OpenMIC-2018 as the archive unpacks, SONYC-UST v2 as released with openl3's
+embeddings, an .h5 in this project's layout, AudioSet's embeddings as the features archive unpacks), applies
+one random corruption drawn from the tables below (truncation, byte flips, wrong dtypes and shapes, NaN and
+inf, out-of-range values, missing and extra members, columns, fields and files, non-UTF-8 and very long
+strings, duplicate and overlapping ids, damaged zip, HDF5 and TFRecord structure, crafted pickles, ...) and
+loads it as a run does (common.load_dataset). An independent reader written here, which shares no code with
+the project's, decides whether the corrupted files are still valid data. A case passes when the run loads
+valid data and gets the same arrays as the independent reader, or stops with the project's one-line error
+(under 300 characters) on invalid data. It fails on a traceback, a hang (60 s), invalid data loaded, wrong
+data loaded, or valid data refused. Prints a table; exit 1 on a failure.
+
+Both readers of a case run in one child process, each under the same timeout: HDF5 can loop in C on a damaged
+file, out of reach of anything in the process that runs it.
 """
 
 import argparse
@@ -25,7 +29,7 @@ import pickle
 import random
 import re
 import shutil
-import signal
+import struct
 import sys
 import tempfile
 import time
@@ -40,9 +44,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from benchmarks.fixtures import HugeArray, Payload, read_openmic_npz, write_h5, write_openmic, write_sonyc  # noqa: E402
+import h5guard  # noqa: E402
+from benchmarks.fixtures import (  # noqa: E402
+    HugeArray,
+    Payload,
+    crc32c_bitwise,
+    pb_field,
+    read_openmic_npz,
+    sequence_example,
+    write_audioset,
+    write_h5,
+    write_openmic,
+    write_sonyc,
+    write_tfrecord,
+)
 
-READERS = ("openmic", "sonyc", "h5")
+READERS = ("openmic", "sonyc", "h5", "audioset")
+TIMEOUT = 60  # seconds a reader may take on one case; h5guard's CPU budget is set below it
 
 
 class Invalid(Exception):
@@ -261,10 +279,166 @@ def ref_sonyc(folder):
     return out, [h[: -len("_presence")] for h in complete]
 
 
-REFERENCE = dict(openmic=ref_openmic, sonyc=ref_sonyc, h5=ref_h5)
+def ref_masked_crc(data):
+    c = crc32c_bitwise(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-#####  Valid datasets and their corruptions  ###############################################################
+def ref_decode(buf):
+    """A protobuf message as {field number: [values]}: an int for a varint, bytes otherwise."""
+    out, pos = {}, 0
+    while pos < len(buf):
+        key, pos = ref_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = ref_varint(buf, pos)
+        elif wire == 2:
+            size, pos = ref_varint(buf, pos)
+            need(pos + size <= len(buf), "field past its message")
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            need(pos + size <= len(buf), "fixed field past its message")
+            value, pos = (buf[pos : pos + size], wire), pos + size
+        else:
+            raise Invalid("wire type")
+        out.setdefault(number, []).append(value)
+    return out
+
+
+def ref_varint(buf, pos):
+    value = shift = 0
+    while True:
+        need(pos < len(buf) and shift <= 63, "varint")
+        value |= (buf[pos] & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if buf[pos - 1] < 0x80:
+            return value, pos
+
+
+def ref_features(buf):
+    """A Features/FeatureLists message as {name: value bytes}."""
+    out = {}
+    for entry in ref_decode(buf).get(1, []):
+        need(isinstance(entry, bytes), "map entry")
+        fields = ref_decode(entry)
+        need(1 in fields and 2 in fields, "map entry parts")
+        name = fields[1][-1].decode()
+        need(name not in out, "name twice")
+        out[name] = fields[2][-1]
+    return out
+
+
+def ref_list(feature, kind):
+    """The values of a Feature of kind 1 (bytes), 2 (float) or 3 (int64)."""
+    fields = ref_decode(feature)
+    present = [k for k in (1, 2, 3) if k in fields]
+    need(not present or present == [kind], "feature kind")
+    values = []
+    for inner in fields.get(kind, []):
+        for v in ref_decode(inner).get(1, []):
+            if kind == 1:
+                values.append(v)
+            elif kind == 2:
+                if isinstance(v, tuple):
+                    need(v[1] == 5, "float width")
+                    values.append(struct.unpack("<f", v[0])[0])
+                else:
+                    need(len(v) % 4 == 0, "packed floats")
+                    values.extend(struct.unpack(f"<{len(v) // 4}f", v))
+            elif isinstance(v, int):
+                values.append(v)
+            else:
+                need(isinstance(v, bytes), "int64 list")
+                pos = 0
+                while pos < len(v):
+                    x, pos = ref_varint(v, pos)
+                    values.append(x)
+    return values
+
+
+def ref_clip(data, n_classes):
+    top = ref_decode(data)
+    need(1 in top and 2 in top, "not a SequenceExample")
+    context, lists = ref_features(top[1][-1]), ref_features(top[2][-1])
+    need({"video_id", "start_time_seconds", "end_time_seconds", "labels"} <= set(context), "context")
+    vid = ref_list(context["video_id"], 1)
+    start, end = ref_list(context["start_time_seconds"], 2), ref_list(context["end_time_seconds"], 2)
+    need(len(vid) == 1 and 1 <= len(vid[0]) <= 64 and len(start) == 1 and len(end) == 1, "one value each")
+    vid = vid[0].decode("ascii")
+    need(math.isfinite(start[0]) and math.isfinite(end[0]), "times")
+    labels = ref_list(context["labels"], 3)
+    need(all(0 <= v < n_classes for v in labels), "label index")
+    need("audio_embedding" in lists, "audio_embedding")
+    frames = []
+    for feature in ref_decode(lists["audio_embedding"]).get(1, []):
+        f = ref_list(feature, 1)
+        need(len(f) == 1 and len(f[0]) == 128, "frame size")
+        frames.append(f[0])
+    need(frames, "no frame")
+    return vid, start[0], labels, frames
+
+
+def ref_tfrecords(path, n_classes):
+    blob, pos, clips = path.read_bytes(), 0, []
+    need(blob, "empty file")
+    while pos < len(blob):
+        need(len(blob) - pos >= 12, "header")
+        length = int.from_bytes(blob[pos : pos + 8], "little")
+        need(int.from_bytes(blob[pos + 8 : pos + 12], "little") == ref_masked_crc(blob[pos : pos + 8]), "length crc")
+        need(length <= 1 << 20 and pos + 16 + length <= len(blob), "length")
+        data = blob[pos + 12 : pos + 12 + length]
+        need(int.from_bytes(blob[pos + 12 + length : pos + 16 + length], "little") == ref_masked_crc(data), "crc")
+        clips.append(ref_clip(data, n_classes))
+        pos += 16 + length
+    return clips
+
+
+def ref_audioset(folder):
+    root = folder / "audioset"  # any exception here: not valid data (run_case)
+    with open(root / "class_labels_indices.csv", newline="", encoding="utf-8-sig") as fh:
+        table = [r for r in csv.reader(fh) if r]
+    need([h.strip() for h in table[0]] == ["index", "mid", "display_name"], "header")
+    classes = table[1:]
+    need(
+        classes
+        and all(
+            len(r) == 3 and r[0].strip() == str(i) and r[1].strip() and r[2].strip() for i, r in enumerate(classes)
+        ),
+        "rows",
+    )
+    need(len({r[1].strip() for r in classes}) == len(classes), "mids")
+    split = {}
+    for name in ("bal_train", "eval"):
+        files = sorted((root / "audioset_v1_embeddings" / name).glob("*.tfrecord"))
+        need(files, "no files")
+        split[name] = [c for f in files for c in ref_tfrecords(f, len(classes))]
+    everything = [(v, s) for name in split for v, s, _, _ in split[name]]
+    need(len(set(everything)) == len(everything), "a clip twice")
+    n = len(split["bal_train"])
+    need(n >= 2, "training clips")
+    perm = np.random.default_rng(0).permutation(n)
+    n_val = min(max(1, int(round(0.1 * n))), 20000, n - 1)
+    rows = dict(train=np.sort(perm[n_val:]), val=np.sort(perm[:n_val]))
+
+    def arrays(clips, complete):
+        X = np.stack([np.resize(np.frombuffer(b"".join(f), np.uint8).reshape(-1, 128), (10, 128)) for *_, f in clips])
+        Y = np.zeros((len(clips), len(classes)), bool)
+        for i, (_, _, labels, _) in enumerate(clips):
+            Y[i, labels] = True
+        keys = [f"{v}_{s:g}" for v, s, _, _ in clips]
+        return dict(X=X, Y=Y, observed=np.ones_like(Y) if complete else Y, keys=keys if complete else None)
+
+    out = {s: arrays([split["bal_train"][i] for i in r], complete=s == "val") for s, r in rows.items()}
+    out["test"] = arrays(split["eval"], complete=True)
+    names = [r[2].strip() for r in classes]
+    return out, [n if names.count(n) == 1 else f"{n} ({r[1].strip()})" for n, r in zip(names, classes)]
+
+
+REFERENCE = dict(openmic=ref_openmic, sonyc=ref_sonyc, h5=ref_h5, audioset=ref_audioset)
+
+
+#####  Valid datasets  #####################################################################################
 
 
 def make_valid(reader, folder):
@@ -272,36 +446,15 @@ def make_valid(reader, folder):
         write_openmic(folder, n=40, n_test=10)
     elif reader == "sonyc":
         write_sonyc(folder)
+    elif reader == "audioset":
+        write_audioset(folder, n_bal=20, n_eval=8, n_unbal=0, per_file=4)
+        shutil.rmtree(folder / "audioset" / "audioset_v1_embeddings" / "unbal_train")
     else:
         write_h5(folder / "mine.h5", n=24)
 
 
-def files_of(reader, folder):
+def files_of(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def byte_mutation(rng, path):
-    data = bytearray(path.read_bytes())
-    how = rng.choice(["truncate", "flip", "zero", "junk", "random", "empty", "delete"])
-    if how == "truncate" and data:
-        del data[rng.randrange(len(data)) :]
-    elif how == "flip" and data:
-        for _ in range(rng.randint(1, 8)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-    elif how == "zero" and data:
-        a, n = rng.randrange(len(data)), rng.randint(1, 4096)
-        data[a : a + n] = bytes(len(data[a : a + n]))
-    elif how == "junk":
-        data += rng.randbytes(rng.randint(1, 500))
-    elif how == "random":
-        data = bytearray(rng.randbytes(rng.randint(0, 3000)))
-    elif how == "empty":
-        data = bytearray()
-    if how == "delete":
-        path.unlink()
-        return f"delete {path.name}"
-    path.write_bytes(bytes(data))
-    return f"{how} {path.name}"
 
 
 def odd_value(rng):
@@ -309,45 +462,139 @@ def odd_value(rng):
 
 
 def odd_string(rng):  # as bytes: b"\xff\xfe" is not UTF-8
-    return rng.choice(
-        [
-            b"",
-            b"x" * 300,
-            b"\xff\xfe",
-            "é".encode(),
-            b"dev",
-            b"Train",
-            b"train ",
-            b"a/b",
-            b"nul\0",
-            b"clip0",
-            b"val",
-            b"test",
-        ]
-    )
+    strings = [b"", b"x" * 300, b"\xff\xfe", "é".encode(), b"dev", b"Train", b"train ", b"a/b", b"nul\0", b"clip0"]
+    return rng.choice(strings + [b"val", b"test"])
+
+
+#####  Corruptions of any file's bytes  ######################################################################
+# Each takes (rng, data) and returns the new bytes.
+
+
+def truncate(rng, data):
+    return data[: rng.randrange(len(data))] if data else data
+
+
+def flip_bits(rng, data):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 8) if data else 0):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    return bytes(data)
+
+
+def zero_run(rng, data):
+    if not data:
+        return data
+    a, n = rng.randrange(len(data)), rng.randint(1, 4096)
+    return data[:a] + bytes(len(data[a : a + n])) + data[a + n :]
+
+
+BYTES = dict(
+    truncate=truncate,
+    flip=flip_bits,
+    zero=zero_run,
+    junk=lambda rng, data: data + rng.randbytes(rng.randint(1, 500)),
+    random=lambda rng, data: rng.randbytes(rng.randint(0, 3000)),
+    empty=lambda rng, data: b"",
+)
+
+
+def byte_mutation(rng, path):
+    how = rng.choice([*BYTES, "delete"])
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(BYTES[how](rng, path.read_bytes()))
+    return f"{how} {path.name}"
+
+
+#####  .h5: the datasets and the attribute  #################################################################
+# Each change takes (rng, f, key, old) after f[key] was deleted, writes the new f[key] (or not), and may return a
+# word more for the case's description.
+
+
+def h5_dtype(rng, f, key, old):
+    kind = rng.choice(["S", "f8", "i2", "bool", "compound", "U"])
+    if kind == "compound":
+        f[key] = np.zeros(old.shape, dtype=[("a", "f4"), ("b", "i4")])
+    elif kind == "U":
+        f[key] = old.astype(str).astype(h5py.string_dtype())
+    elif kind == "S":
+        f[key] = old.astype("S")
+    else:
+        f[key] = old.astype(kind) if old.dtype.kind in "biuf" else np.zeros(old.shape, kind)
+
+
+def h5_shape(rng, f, key, old):
+    variant = rng.choice(["short", "long", "axis", "scalar", "transpose"])
+    new = dict(
+        short=lambda: old[:-1],
+        long=lambda: np.concatenate([old, old[:1]]),
+        axis=lambda: old[..., None],
+        scalar=lambda: old.reshape(-1)[:1].reshape(()),
+        transpose=lambda: old.T,
+    )[variant]()
+    f[key] = new
+    return variant
+
+
+def h5_value(rng, f, key, old):
+    a = old.copy()
+    if a.dtype.kind in "biuf" and a.size:
+        a = a.astype(np.float64)
+        a.flat[rng.randrange(a.size)] = odd_value(rng)
+        if old.dtype.kind in "biu" and np.isfinite(a).all() and (a == a.astype(np.int64)).all():
+            a = a.astype(old.dtype if np.abs(a).max() < 127 else np.int64)
+    elif a.size:
+        a = a.astype(object)
+        a[rng.randrange(a.size)] = odd_string(rng)
+        a = a.astype("S")
+    f[key] = a
+
+
+def h5_strings(rng, f, key, old):
+    a = old.astype("S") if old.dtype.kind in "SO" else old
+    if a.dtype.kind == "S" and a.size:
+        a = a.astype(object)
+        i = rng.randrange(a.size)
+        a[i] = a[(i + 1) % a.size] if rng.random() < 0.5 else odd_string(rng)
+        a = np.array(a.tolist(), dtype="S")
+    f[key] = a
+
+
+H5_CHANGES = dict(
+    delete=lambda rng, f, key, old: None,
+    group=lambda rng, f, key, old: f.create_group(key) and None,
+    link=lambda rng, f, key, old: f.__setitem__(
+        key, h5py.SoftLink("/nowhere") if rng.random() < 0.5 else h5py.ExternalLink("missing.h5", "/X")
+    ),
+    empty=lambda rng, f, key, old: f.__setitem__(
+        key, h5py.Empty("f") if rng.random() < 0.5 else np.zeros((0,) + old.shape[1:], old.dtype)
+    ),
+    dtype=h5_dtype,
+    shape=h5_shape,
+    value=h5_value,
+    strings=h5_strings,
+)
+H5_CLASS_NAMES = [
+    ["a", "a", "b", "c", "d"],
+    ["", "b", "c", "d", "e"],
+    "tag",
+    5,
+    [b"\xff\xfe", b"b", b"c", b"d", b"e"],
+    ["t"] * 4,
+    ["x" * 500, "b", "c", "d", "e"],
+    [1, 2, 3, 4, 5],
+    ["a", "b", "c", "d", "e", "f"],
+]
 
 
 def mutate_h5(rng, folder):
-    path = folder / "mine.h5"
-    with h5py.File(path, "a") as f:
+    with h5py.File(folder / "mine.h5", "a") as f:
         key = rng.choice(["X", "Y", "observed", "split", "keys", "class_names", "Y_full", "extra"])
-        how = rng.choice(["delete", "group", "dtype", "shape", "value", "strings", "link", "empty"])
-        desc = f"{key} {how}"
+        how = rng.choice(list(H5_CHANGES))
         if key == "class_names":
-            f.attrs["class_names"] = rng.choice(
-                [
-                    ["a", "a", "b", "c", "d"],
-                    ["", "b", "c", "d", "e"],
-                    "tag",
-                    5,
-                    [b"\xff\xfe", b"b", b"c", b"d", b"e"],
-                    ["t"] * 4,
-                    ["x" * 500, "b", "c", "d", "e"],
-                    [1, 2, 3, 4, 5],
-                    ["a", "b", "c", "d", "e", "f"],
-                ]
-            )
-            return desc + " attribute"
+            f.attrs["class_names"] = rng.choice(H5_CLASS_NAMES)
+            return "class_names attribute"
         if key == "extra":
             f["notes"] = np.arange(3)
             return "extra dataset (valid)"
@@ -355,270 +602,367 @@ def mutate_h5(rng, folder):
             f["Y_full"] = f["Y"][()] if rng.random() < 0.5 else (np.random.default_rng(0).random(f["Y"].shape) < 0.5)
             return "Y_full added"
         if key not in f:
-            return desc + " (absent)"
+            return f"{key} {how} (absent)"
         old = f[key][()]
         del f[key]
-        if how == "delete":
-            return desc
-        if how == "group":
-            f.create_group(key)
-        elif how == "link":
-            f[key] = h5py.SoftLink("/nowhere") if rng.random() < 0.5 else h5py.ExternalLink("missing.h5", "/X")
-        elif how == "empty":
-            f[key] = h5py.Empty("f") if rng.random() < 0.5 else np.zeros((0,) + old.shape[1:], old.dtype)
-        elif how == "dtype":
-            kind = rng.choice(["S", "f8", "i2", "bool", "compound", "U"])
-            if kind == "compound":
-                f[key] = np.zeros(old.shape, dtype=[("a", "f4"), ("b", "i4")])
-            elif kind == "U":
-                f[key] = old.astype(str).astype(h5py.string_dtype())
-            elif kind == "S":
-                f[key] = old.astype("S")
-            else:
-                f[key] = old.astype(kind) if old.dtype.kind in "biuf" else np.zeros(old.shape, kind)
-        elif how == "shape":
-            variant = rng.choice(["short", "long", "axis", "scalar", "transpose"])
-            f[key] = dict(
-                short=old[:-1],
-                long=np.concatenate([old, old[:1]]),
-                axis=old[..., None],
-                scalar=old.reshape(-1)[:1].reshape(()),
-                transpose=old.T,
-            )[variant]
-            desc += f" {variant}"
-        elif how == "value":
-            a = old.copy()
-            if a.dtype.kind in "biuf" and a.size:
-                a = a.astype(np.float64)
-                a.flat[rng.randrange(a.size)] = odd_value(rng)
-                if old.dtype.kind in "biu" and np.isfinite(a).all() and (a == a.astype(np.int64)).all():
-                    a = a.astype(old.dtype if np.abs(a).max() < 127 else np.int64)
-            elif a.size:
-                a = a.astype(object)
-                a[rng.randrange(a.size)] = odd_string(rng)
-                a = a.astype("S")
-            f[key] = a
-        elif how == "strings":
-            a = old.astype("S") if old.dtype.kind in "SO" else old
-            if a.dtype.kind == "S" and a.size:
-                a = a.astype(object)
-                i = rng.randrange(a.size)
-                a[i] = a[(i + 1) % a.size] if rng.random() < 0.5 else odd_string(rng)
-                a = np.array(a.tolist(), dtype="S")
-            f[key] = a
-    return desc
+        more = H5_CHANGES[how](rng, f, key, old)
+        return f"{key} {how}" + (f" {more}" if more else "")
 
 
-def mutate_openmic(rng, folder):
-    root = folder / "openmic-2018"
+#####  OpenMIC-2018: the npz's members, the class map, the partitions  ######################################
+# An npz change takes (rng, arrays, key) and changes `arrays` in place.
+
+
+def npz_value(rng, arrays, key):
+    a = arrays[key]
+    if a.dtype.kind in "biuf":
+        b = a.astype(np.float64)
+        b.flat[rng.randrange(b.size)] = odd_value(rng)
+        arrays[key] = b.astype(a.dtype) if a.dtype.kind == "b" and np.isin(b, (0, 1)).all() else b
+    elif a.dtype.kind == "O":
+        b = a.copy()
+        odd = odd_string(rng)
+        b[rng.randrange(len(b))] = rng.choice([odd, odd.decode("latin-1"), 7, None])
+        arrays[key] = b
+
+
+def npz_duplicate(rng, arrays, key):
+    if arrays[key].dtype.kind == "O":
+        b = arrays[key].copy()
+        i = rng.randrange(len(b))
+        b[i] = b[(i + 1) % len(b)]
+        arrays[key] = b
+
+
+def npz_dtype(rng, arrays, key):
+    a, kind = arrays[key], rng.choice(["U", "S", "f2", "i8", "bool", "O", "c8"])
+    arrays[key] = a.astype(kind) if a.dtype.kind != "O" or kind in "US" else a.astype(str).astype(kind)
+
+
+def npz_pickle(rng, arrays, key):
+    b = arrays["sample_key"].copy()
+    b[0] = rng.choice([Payload(arrays.pop("_folder") / "pwned"), HugeArray()])
+    arrays["sample_key"] = b
+
+
+NPZ_CHANGES = dict(
+    delete=lambda rng, arrays, key: arrays.pop(key),
+    rename=lambda rng, arrays, key: arrays.__setitem__(key + "_old", arrays.pop(key)),
+    dtype=npz_dtype,
+    shape=lambda rng, arrays, key: arrays.__setitem__(
+        key,
+        rng.choice(
+            [arrays[key][:-1], arrays[key][..., None], arrays[key].reshape(-1)[:1].reshape(()), arrays[key][:0]]
+        ),
+    ),
+    value=npz_value,
+    duplicate=npz_duplicate,
+    pickle=npz_pickle,
+    extra=lambda rng, arrays, key: arrays.__setitem__("notes", np.arange(3)),
+)
+
+
+def openmic_npz(rng, root):
     arrays = read_openmic_npz(root / "openmic-2018.npz")
-    what = rng.choice(["npz", "npz", "npz", "class-map", "partitions", "partitions", "files"])
-    if what == "npz":
-        key = rng.choice(["X", "Y_true", "Y_mask", "sample_key"])
-        how = rng.choice(["delete", "rename", "dtype", "shape", "value", "duplicate", "pickle", "extra"])
-        a = arrays[key]
-        if how == "delete":
-            del arrays[key]
-        elif how == "rename":
-            arrays[key + "_old"] = arrays.pop(key)
-        elif how == "dtype":
-            kind = rng.choice(["U", "S", "f2", "i8", "bool", "O", "c8"])
-            arrays[key] = a.astype(kind) if a.dtype.kind != "O" or kind in "US" else a.astype(str).astype(kind)
-        elif how == "shape":
-            arrays[key] = rng.choice([a[:-1], a[..., None], a.reshape(-1)[:1].reshape(()), a[:0]])
-        elif how == "value" and a.dtype.kind in "biuf":
-            b = a.astype(np.float64)
-            b.flat[rng.randrange(b.size)] = odd_value(rng)
-            arrays[key] = b.astype(a.dtype) if a.dtype.kind == "b" and np.isin(b, (0, 1)).all() else b
-        elif how in ("value", "duplicate") and a.dtype.kind == "O":
-            b = a.copy()
-            i = rng.randrange(len(b))
-            odd = odd_string(rng)
-            b[i] = b[(i + 1) % len(b)] if how == "duplicate" else rng.choice([odd, odd.decode("latin-1"), 7, None])
-            arrays[key] = b
-        elif how == "pickle":
-            b = arrays["sample_key"].copy()
-            b[0] = rng.choice([Payload(folder / "pwned"), HugeArray()])
-            arrays["sample_key"] = b
-        elif how == "extra":
-            arrays["notes"] = np.arange(3)
-        np.savez(root / "openmic-2018.npz", **arrays)
-        if how == "rename" and rng.random() < 0.5:  # a member without the .npy suffix
-            with zipfile.ZipFile(root / "openmic-2018.npz") as zf:
-                members = {n: zf.read(n) for n in zf.namelist()}
-            with zipfile.ZipFile(root / "openmic-2018.npz", "w") as zf:
-                for n, data in members.items():
-                    zf.writestr(n.replace(f"{key}_old.npy", key), data)
-        return f"npz {key} {how}"
-    if what == "class-map":
-        path = root / "class-map.json"
-        names = json.loads(path.read_text())
-        text = rng.choice(
-            [
-                "null",
-                "5",
-                "[]",
-                '"x"',
-                "[" * 100000,
-                json.dumps({k: None for k in names}),
-                json.dumps({k: {"i": v} for k, v in names.items()}),
-                json.dumps({k: 0 for k in names}),
-                json.dumps({**{k: v for k, v in list(names.items())[:-1]}, "": 19}),
-                json.dumps(names)[:-1] + ', "accordion": 3}',
-                "\ufeff" + json.dumps(names),
-                json.dumps({k: float(v) for k, v in names.items()}),
-                json.dumps({k: v + 1 for k, v in names.items()}),
-            ]
-        )
-        path.write_text(text, encoding="utf-8")
-        return "class-map " + text[:30]
-    if what == "partitions":
-        kind = rng.choice(["train", "test"])
-        path = root / "partitions" / f"split01_{kind}.csv"
-        keys = path.read_text().split()
-        other = (root / "partitions" / f"split01_{'test' if kind == 'train' else 'train'}.csv").read_text().split()
-        how = rng.choice(
-            [
-                "bom",
-                "crlf",
-                "utf16",
-                "badbyte",
-                "duplicate",
-                "overlap",
-                "unknown",
-                "empty",
-                "one",
-                "rename",
-                "blank lines",
-            ]
-        )
-        data = {
-            "bom": lambda: b"\xef\xbb\xbf" + "\n".join(keys).encode(),
-            "crlf": lambda: "\r\n".join(keys).encode(),
-            "utf16": lambda: "\n".join(keys).encode("utf-16"),
-            "badbyte": lambda: ("\n".join(keys) + "\n").encode() + b"\xff\n",
-            "duplicate": lambda: "\n".join(keys + keys[:1]).encode(),
-            "overlap": lambda: "\n".join(keys + other[:1]).encode(),
-            "unknown": lambda: "\n".join(keys + ["999999_1"]).encode(),
-            "empty": lambda: b"",
-            "one": lambda: keys[0].encode(),
-            "rename": lambda: None,
-            "blank lines": lambda: "\n\n".join(keys).encode(),
-        }[how]()
-        if how == "rename":
-            path.rename(root / "partitions" / f"{kind}01.txt")
-        else:
-            path.write_bytes(data)
-        return f"partitions {kind} {how}"
-    return byte_mutation(rng, rng.choice(files_of("openmic", folder)))
+    key, how = rng.choice(["X", "Y_true", "Y_mask", "sample_key"]), rng.choice(list(NPZ_CHANGES))
+    arrays["_folder"] = root.parent
+    NPZ_CHANGES[how](rng, arrays, key)
+    arrays.pop("_folder", None)
+    np.savez(root / "openmic-2018.npz", **arrays)
+    if how == "rename" and rng.random() < 0.5:  # a member without the .npy suffix
+        with zipfile.ZipFile(root / "openmic-2018.npz") as zf:
+            members = {n: zf.read(n) for n in zf.namelist()}
+        with zipfile.ZipFile(root / "openmic-2018.npz", "w") as zf:
+            for n, data in members.items():
+                zf.writestr(n.replace(f"{key}_old.npy", key), data)
+    return f"npz {key} {how}"
 
 
-def mutate_sonyc(rng, folder):
-    root = folder / "sonyc-ust"
-    what = rng.choice(["csv", "csv", "csv", "embedding", "embedding", "cache", "files"])
-    if what == "csv":
-        path = root / "annotations.csv"
-        with open(path, newline="") as fh:
-            table = list(csv.reader(fh))
-        header = table[0]
-        how = rng.choice(
-            [
-                "drop column",
-                "duplicate column",
-                "bom",
-                "shuffle",
-                "value",
-                "annotator",
-                "split",
-                "filename",
-                "two splits",
-                "one stem",
-                "row length",
-                "non-utf8",
-            ]
-        )
-        if how == "drop column":
-            j = rng.randrange(len(header))
-            table = [r[:j] + r[j + 1 :] for r in table]
-        elif how == "duplicate column":
-            j = rng.choice([i for i, h in enumerate(header) if h.endswith("_presence")])
-            table = [r + [r[j]] for r in table]
-        elif how == "shuffle":
-            order = list(range(len(header)))
-            rng.shuffle(order)
-            table = [[r[i] for i in order] for r in table]
-        elif how in ("value", "annotator", "split", "filename"):
-            i = rng.randrange(1, len(table))
-            j = {
-                "value": rng.choice([k for k, h in enumerate(header) if h.endswith("_presence")]),
-                "annotator": header.index("annotator_id"),
-                "split": header.index("split"),
-                "filename": header.index("audio_filename"),
-            }[how]
-            table[i][j] = {
-                "value": rng.choice(["2", "0.5", "nan", "", "x", "1.0", "-1"]),
-                "annotator": rng.choice(["0.5", "inf", "1e400", "x", "", "-3", "7.0"]),
-                "split": rng.choice(["dev", "Train", "", "validate", "test"]),
-                "filename": rng.choice(["", "a/b.wav", "nul\0.wav", "..", "x" * 300 + ".wav"]),
-            }[how]
-        elif how == "two splits":
-            a, b = rng.sample(range(1, len(table)), 2)
-            table[a][header.index("audio_filename")] = table[b][header.index("audio_filename")]
-        elif how == "one stem":
-            i = rng.randrange(1, len(table))
-            name = table[i][header.index("audio_filename")]
-            table.append(list(table[i]))
-            table[-1][header.index("audio_filename")] = name[:-4] + ".flac"
-        elif how == "row length":
-            i = rng.randrange(1, len(table))
-            table[i] = table[i][:-1]
-        out = io.StringIO()
-        csv.writer(out).writerows(table)
-        data = out.getvalue().encode("utf-8")
-        if how == "bom":
-            data = b"\xef\xbb\xbf" + data
-        if how == "non-utf8":
-            data = data.replace(b"00_000001", b"00_\xff00001", 1)
-        path.write_bytes(data)
-        return f"csv {how}"
-    if what == "embedding":
-        path = rng.choice(sorted((root / "embeddings").glob("*.npz")))
-        how = rng.choice(["shape", "dtype", "nan", "bare npy", "no suffix", "delete", "object", "extra"])
-        e = np.load(path)["embedding"]
-        if how == "bare npy":
-            np.save(path.with_suffix(""), e)
-            path.with_suffix(".npy").replace(path)
-        elif how == "no suffix":
-            with zipfile.ZipFile(path, "w") as zf:
-                zf.writestr("embedding", io.BytesIO().getvalue())
-        elif how == "delete":
-            path.unlink()
-        else:
-            e = {
-                "shape": lambda: e[:-1],
-                "dtype": lambda: e.astype(str),
-                "nan": lambda: np.where(e > 2, np.nan, e),
-                "object": lambda: e.astype(object),
-                "extra": lambda: e,
-            }[how]()
-            np.savez(path, embedding=e, **({"other": np.zeros(3)} if how == "extra" else {}))
-        return f"embedding {path.name} {how}"
-    if what == "cache":
-        import sonyc
+CLASS_MAP_TEXTS = [
+    lambda names: "null",
+    lambda names: "5",
+    lambda names: "[]",
+    lambda names: '"x"',
+    lambda names: "[" * 100000,
+    lambda names: json.dumps({k: None for k in names}),
+    lambda names: json.dumps({k: {"i": v} for k, v in names.items()}),
+    lambda names: json.dumps({k: 0 for k in names}),
+    lambda names: json.dumps({**{k: v for k, v in list(names.items())[:-1]}, "": 19}),
+    lambda names: json.dumps(names)[:-1] + ', "accordion": 3}',
+    lambda names: "\ufeff" + json.dumps(names),
+    lambda names: json.dumps({k: float(v) for k, v in names.items()}),
+    lambda names: json.dumps({k: v + 1 for k, v in names.items()}),
+]
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            sonyc.load_sonyc(root, "fine", write_atomic=common.write_atomic)  # writes the cache, then damage it
-        return byte_mutation(rng, root / "embeddings_cache.npz") + " (valid: the cache is rebuilt)"
-    return byte_mutation(rng, rng.choice(files_of("sonyc", folder)))
+
+def openmic_class_map(rng, root):
+    path = root / "class-map.json"
+    text = rng.choice(CLASS_MAP_TEXTS)(json.loads(path.read_text()))
+    path.write_text(text, encoding="utf-8")
+    return "class-map " + text[:30]
+
+
+# A partition change takes (keys, the other partition's keys) and returns the file's new bytes.
+PARTITION_CHANGES = dict(
+    bom=lambda keys, other: b"\xef\xbb\xbf" + "\n".join(keys).encode(),
+    crlf=lambda keys, other: "\r\n".join(keys).encode(),
+    utf16=lambda keys, other: "\n".join(keys).encode("utf-16"),
+    badbyte=lambda keys, other: ("\n".join(keys) + "\n").encode() + b"\xff\n",
+    duplicate=lambda keys, other: "\n".join(keys + keys[:1]).encode(),
+    overlap=lambda keys, other: "\n".join(keys + other[:1]).encode(),
+    unknown=lambda keys, other: "\n".join(keys + ["999999_1"]).encode(),
+    empty=lambda keys, other: b"",
+    one=lambda keys, other: keys[0].encode(),
+    blank_lines=lambda keys, other: "\n\n".join(keys).encode(),
+)
+
+
+def openmic_partitions(rng, root):
+    kind = rng.choice(["train", "test"])
+    path = root / "partitions" / f"split01_{kind}.csv"
+    other = (root / "partitions" / f"split01_{'test' if kind == 'train' else 'train'}.csv").read_text().split()
+    how = rng.choice([*PARTITION_CHANGES, "rename"])
+    if how == "rename":
+        path.rename(root / "partitions" / f"{kind}01.txt")
+    else:
+        path.write_bytes(PARTITION_CHANGES[how](path.read_text().split(), other))
+    return f"partitions {kind} {how}"
+
+
+OPENMIC = [openmic_npz, openmic_npz, openmic_npz, openmic_class_map, openmic_partitions, openmic_partitions]
+
+
+#####  SONYC-UST: the annotations, the embeddings, the cache  ################################################
+# A CSV change takes (rng, table) and returns the new table.
+
+
+def csv_set(column, values):
+    def change(rng, table):
+        j = table[0].index(column) if isinstance(column, str) else rng.choice(column(table[0]))
+        table[rng.randrange(1, len(table))][j] = rng.choice(values)
+        return table
+
+    return change
+
+
+def presence_columns(header):
+    return [k for k, h in enumerate(header) if h.endswith("_presence")]
+
+
+def csv_drop_column(rng, table):
+    j = rng.randrange(len(table[0]))
+    return [r[:j] + r[j + 1 :] for r in table]
+
+
+def csv_shuffle(rng, table):
+    order = list(range(len(table[0])))
+    rng.shuffle(order)
+    return [[r[i] for i in order] for r in table]
+
+
+def csv_two_splits(rng, table):
+    a, b = rng.sample(range(1, len(table)), 2)
+    j = table[0].index("audio_filename")
+    table[a][j] = table[b][j]
+    return table
+
+
+def csv_one_stem(rng, table):
+    i, j = rng.randrange(1, len(table)), table[0].index("audio_filename")
+    table.append(list(table[i]))
+    table[-1][j] = table[i][j][:-4] + ".flac"
+    return table
+
+
+CSV_CHANGES = dict(
+    drop_column=csv_drop_column,
+    duplicate_column=lambda rng, table: [r + [r[j]] for j in [rng.choice(presence_columns(table[0]))] for r in table],
+    shuffle=csv_shuffle,
+    value=csv_set(presence_columns, ["2", "0.5", "nan", "", "x", "1.0", "-1"]),
+    annotator=csv_set("annotator_id", ["0.5", "inf", "1e400", "x", "", "-3", "7.0"]),
+    split=csv_set("split", ["dev", "Train", "", "validate", "test"]),
+    filename=csv_set("audio_filename", ["", "a/b.wav", "nul\0.wav", "..", "x" * 300 + ".wav"]),
+    two_splits=csv_two_splits,
+    one_stem=csv_one_stem,
+    row_length=lambda rng, table: table[:1] + [r[:-1] if i == 0 else r for i, r in enumerate(table[1:])],
+    bom=lambda rng, table: table,  # the bytes get a BOM below
+    non_utf8=lambda rng, table: table,  # a name gets a bad byte below
+)
+
+
+def sonyc_csv(rng, root):
+    path = root / "annotations.csv"
+    with open(path, newline="") as fh:
+        table = list(csv.reader(fh))
+    how = rng.choice(list(CSV_CHANGES))
+    out = io.StringIO()
+    csv.writer(out).writerows(CSV_CHANGES[how](rng, table))
+    data = out.getvalue().encode("utf-8")
+    if how == "bom":
+        data = b"\xef\xbb\xbf" + data
+    if how == "non_utf8":
+        data = data.replace(b"00_000001", b"00_\xff00001", 1)
+    path.write_bytes(data)
+    return f"csv {how}"
+
+
+def embedding_bare_npy(path, e):
+    np.save(path.with_suffix(""), e)
+    path.with_suffix(".npy").replace(path)
+
+
+def embedding_no_suffix(path, e):
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("embedding", b"")
+
+
+EMBEDDING_CHANGES = dict(
+    shape=lambda path, e: np.savez(path, embedding=e[:-1]),
+    dtype=lambda path, e: np.savez(path, embedding=e.astype(str)),
+    nan=lambda path, e: np.savez(path, embedding=np.where(e > 2, np.nan, e)),
+    object=lambda path, e: np.savez(path, embedding=e.astype(object)),
+    extra=lambda path, e: np.savez(path, embedding=e, other=np.zeros(3)),
+    bare_npy=embedding_bare_npy,
+    no_suffix=embedding_no_suffix,
+    delete=lambda path, e: path.unlink(),
+)
+
+
+def sonyc_embedding(rng, root):
+    path = rng.choice(sorted((root / "embeddings").glob("*.npz")))
+    how = rng.choice(list(EMBEDDING_CHANGES))
+    EMBEDDING_CHANGES[how](path, np.load(path)["embedding"])
+    return f"embedding {path.name} {how}"
+
+
+def sonyc_cache(rng, root):
+    import sonyc
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        sonyc.load_sonyc(root, "fine", write_atomic=common.write_atomic)  # writes the cache, then damage it
+    return byte_mutation(rng, root / "embeddings_cache.npz") + " (valid: the cache is rebuilt)"
+
+
+SONYC = [sonyc_csv, sonyc_csv, sonyc_csv, sonyc_embedding, sonyc_embedding, sonyc_cache]
+
+
+#####  AudioSet: records, the class table, the cache  #######################################################
+# A record change takes (rng, clip dict) and changes it; the record is then written again with valid CRCs.
+
+
+def record_labels(rng, clip):
+    clip["labels"] = clip["labels"] + [rng.choice([6, 7, 100, -1, 2**40])]
+
+
+def record_frames(rng, clip):
+    frames = clip["frames"]
+    i = rng.randrange(len(frames))
+    variant = rng.choice(["short", "long", "none", "fewer"])
+    if variant == "short":
+        frames[i] = frames[i][:-1]
+    elif variant == "long":
+        frames[i] = frames[i] + b"\0"
+    elif variant == "none":
+        frames.clear()
+    else:
+        del frames[rng.randint(1, len(frames)) :]  # 1 to 9 frames: valid, repeated to fill 10
+
+
+RECORD_CHANGES = dict(
+    labels=record_labels,
+    frames=record_frames,
+    duplicate_labels=lambda rng, clip: clip.__setitem__("labels", clip["labels"] * 2),  # valid
+    no_labels=lambda rng, clip: clip.__setitem__("labels", []),  # valid: a clip with no positive
+    start=lambda rng, clip: clip.__setitem__("start", rng.choice([float("nan"), float("inf"), -30.0])),
+    video_id=lambda rng, clip: clip.__setitem__("video_id", rng.choice(["", "x" * 65, "é", "b0000001"])),
+)
+
+
+def parse_our_record(data):
+    """A fixture record back into its parts, with the independent reader."""
+    vid, start, labels, frames = ref_clip(data, 1 << 62)
+    return dict(video_id=vid, start=start, labels=labels, frames=frames)
+
+
+def audioset_record(rng, root):
+    files = sorted((root / "audioset_v1_embeddings").rglob("*.tfrecord"))
+    path = rng.choice(files)
+    blob, records, pos = path.read_bytes(), [], 0
+    while pos < len(blob):
+        length = int.from_bytes(blob[pos : pos + 8], "little")
+        records.append(blob[pos + 12 : pos + 12 + length])
+        pos += 16 + length
+    i, how = rng.randrange(len(records)), rng.choice([*RECORD_CHANGES, "field", "raw"])
+    if how == "field":  # an unknown field beside the known ones: valid, skipped
+        records[i] = records[i] + pb_field(9, b"extra")
+    elif how == "raw":  # a record with valid CRCs whose content is junk
+        records[i] = rng.randbytes(rng.randint(0, 200))
+    else:
+        clip = parse_our_record(records[i])
+        RECORD_CHANGES[how](rng, clip)
+        end = clip["start"] + 10
+        records[i] = sequence_example(clip["video_id"], clip["start"], end, clip["labels"], clip["frames"])
+    write_tfrecord(path, records)
+    return f"record {i} of {path.name} {how}"
+
+
+def audioset_classes(rng, root):
+    path = root / "class_labels_indices.csv"
+    lines = path.read_text().splitlines()
+    how = rng.choice(["header", "index", "mid twice", "empty name", "one less", "bom", "quoted", "crlf"])
+    if how == "header":
+        lines[0] = "index,mid,name"
+    elif how == "index":
+        lines[2] = "7" + lines[2][1:]
+    elif how == "mid twice":
+        lines[2] = lines[2].replace(lines[2].split(",")[1], lines[1].split(",")[1])
+    elif how == "empty name":
+        lines[3] = lines[3].rsplit(",", 1)[0] + ","
+    elif how == "one less":
+        lines = lines[:-1]  # a label index of the data may now be outside the table
+    elif how == "bom":
+        lines[0] = "\ufeff" + lines[0]
+    elif how == "quoted":
+        lines[1] = lines[1].rsplit(",", 1)[0] + ',"Speech, and talk"'
+    path.write_bytes(("\r\n" if how == "crlf" else "\n").join(lines).encode() + b"\n")
+    return f"classes {how}"
+
+
+def audioset_cross_split(rng, root):
+    """A clip of eval copied into bal_train: invalid, a clip in two splits."""
+    src = sorted((root / "audioset_v1_embeddings" / "eval").glob("*.tfrecord"))[0]
+    dst = sorted((root / "audioset_v1_embeddings" / "bal_train").glob("*.tfrecord"))[0]
+    dst.write_bytes(dst.read_bytes() + src.read_bytes()[: 16 + int.from_bytes(src.read_bytes()[:8], "little")])
+    return "a clip in two splits"
+
+
+def audioset_cache(rng, root):
+    import audioset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        audioset.load_audioset(root)  # writes the caches, then damage one
+    return byte_mutation(rng, rng.choice(sorted(root.glob("cache-*.bin")))) + " (valid: the cache is rebuilt)"
+
+
+AUDIOSET = [audioset_record, audioset_record, audioset_record, audioset_classes, audioset_cross_split, audioset_cache]
+
+
+MUTATIONS = dict(
+    h5=[lambda rng, folder: mutate_h5(rng, folder)],
+    openmic=[lambda rng, folder, m=m: m(rng, folder / "openmic-2018") for m in OPENMIC],
+    sonyc=[lambda rng, folder, m=m: m(rng, folder / "sonyc-ust") for m in SONYC],
+    audioset=[lambda rng, folder, m=m: m(rng, folder / "audioset") for m in AUDIOSET],
+)
 
 
 def mutate(reader, rng, folder):
+    """One corruption: a quarter of the cases change any file's bytes, the rest draw from the reader's table."""
     if rng.random() < 0.25:
-        return byte_mutation(rng, rng.choice(files_of(reader, folder)))
-    return dict(openmic=mutate_openmic, sonyc=mutate_sonyc, h5=mutate_h5)[reader](rng, folder)
+        return byte_mutation(rng, rng.choice(files_of(folder)))
+    return rng.choice(MUTATIONS[reader])(rng, folder)
 
 
-#####  One case  #############################################################################################
+#####  One case: both readers in a child process, under one timeout  ##########################################
 
 
 class Hang(Exception):
@@ -628,44 +972,66 @@ class Hang(Exception):
 _POOL = []
 
 
-def reference(reader, folder, timeout=30):
-    """The independent reader, in a child process: HDF5 can loop in C on a damaged file, out of reach of
-    any Python timeout in the process that runs it. A hang kills the child; the next case starts another."""
+def in_child(function, *args):
+    """function(*args) in the case's child process, within TIMEOUT seconds; a hang kills the child (the next
+    call starts another) and raises Hang."""
     if not _POOL:
         _POOL.append(multiprocessing.get_context("spawn").Pool(1))
     try:
-        return _POOL[0].apply_async(REFERENCE[reader], (folder,)).get(timeout)
+        return _POOL[0].apply_async(function, args).get(TIMEOUT)
     except multiprocessing.TimeoutError:
         _POOL.pop().terminate()
-        raise
+        raise Hang()
 
 
-def project_load(reader, folder):
+def reference(reader, folder):
+    """The independent reader: ('valid', arrays) or ('invalid', why)."""
+    try:
+        return "valid", REFERENCE[reader](folder)
+    except Invalid as e:
+        return "invalid", str(e)
+    except Exception as e:  # the independent reader failed to read it: invalid, and said so
+        return "invalid", f"[reference: {type(e).__name__}]"
+
+
+def project(reader, folder):
+    """The run's reader, common.load_dataset: ('loaded', arrays, names), ('error', message) or ('traceback',
+    what); the .h5 guard's CPU budget below the case's timeout."""
+    h5guard.CPU_SECONDS = TIMEOUT // 3
     args = Namespace(
         dataset=str(folder / "mine.h5") if reader == "h5" else reader,
         data_dir=str(folder),
         level="fine",
+        audioset_train="balanced",
         drop_rate=0.0,
         drop_seed=common.DROP_SEED,
         positive_only=False,
     )
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return common.load_dataset(args, torch.device("cpu"))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            data = common.load_dataset(args, torch.device("cpu"))
+    except common.UserError as e:
+        return "error", str(e)
+    except Exception as e:
+        return "traceback", f"{type(e).__name__}: {str(e)[:80]}"
+    arrays = {
+        s: dict(X=sp.X.numpy(), Y=sp.Y.numpy(), observed=sp.observed.numpy(), keys=sp.keys)
+        for s, sp in (("train", data.train), ("val", data.val), ("test", data.test))
+    }
+    return "loaded", arrays, list(data.class_names)
 
 
-def same(data, ref):
-    splits, names = ref
-    if list(data.class_names) != list(names):
+def same(got, ref):
+    (splits, names), (arrays, got_names) = ref, got
+    if list(got_names) != list(names):
         return False
     for s in ("train", "val", "test"):
-        got, want = getattr(data, s), splits[s]
-        if got.X.shape != want["X"].shape or not np.array_equal(got.X.numpy(), want["X"]):
+        a, b = arrays[s], splits[s]
+        if a["X"].shape != b["X"].shape or not np.array_equal(a["X"], b["X"]):
             return False
-        if not np.array_equal(got.observed.numpy(), want["observed"]) or not np.array_equal(
-            got.Y.numpy().astype(bool), want["Y"]
-        ):
+        if not np.array_equal(a["observed"], b["observed"]) or not np.array_equal(a["Y"].astype(bool), b["Y"]):
             return False
-        if want["keys"] is not None and list(got.keys) != list(want["keys"]):
+        if b["keys"] is not None and list(a["keys"]) != list(b["keys"]):
             return False
     return True
 
@@ -678,36 +1044,25 @@ def run_case(reader, rng, base, work):
     except Exception as e:  # a corruption that numpy or h5py would not write: the case tests the data as it is
         what = f"(no change: {type(e).__name__})"
     try:
-        ref, valid = reference(reader, folder), True
-    except Invalid:
-        ref, valid = None, False
-    except Exception as e:  # the independent reader failed to read it (or hung, in HDF5): invalid, and said so
-        ref, valid = None, False
-        what += f" [reference: {type(e).__name__}]"
-    signal.alarm(30)
-    try:
-        data = project_load(reader, folder)
-        outcome = "loaded"
-    except common.UserError as e:
-        message = str(e)
-        long = len(message) >= 300 and "expected layout" not in message
-        outcome = "long error" if long else "error"
+        verdict, ref = in_child(reference, reader, folder)
     except Hang:
-        outcome = "hang"
-    except Exception as e:
-        outcome = f"traceback {type(e).__name__}: {str(e)[:80]}"
-    finally:
-        signal.alarm(0)
+        verdict, ref = "invalid", "[reference: hang]"
+    if verdict == "invalid" and ref.startswith("[reference"):
+        what += f" {ref}"
+    try:
+        outcome = in_child(project, reader, folder)
+    except Hang:
+        outcome = ("hang",)
     if (folder / "pwned").exists():
-        outcome = "payload ran"
+        outcome = ("payload ran",)
     shutil.rmtree(folder, ignore_errors=True)
-    if outcome == "loaded":
-        verdict = "loaded" if valid and same(data, ref) else "wrong data loaded" if valid else "invalid data loaded"
-    elif outcome == "error":
-        verdict = "refused although valid" if valid else "clean error"
-    else:
-        verdict = outcome
-    return verdict, what
+    valid = verdict == "valid"
+    if outcome[0] == "loaded":
+        return ("loaded" if same(outcome[1:], ref) else "wrong data loaded") if valid else "invalid data loaded", what
+    if outcome[0] == "error":
+        long = len(outcome[1]) >= 300 and "expected layout" not in outcome[1]
+        return "long error" if long else "refused although valid" if valid else "clean error", what
+    return " ".join(outcome), what
 
 
 def fuzz(reader, cases, seed, work, report=None):
@@ -715,8 +1070,9 @@ def fuzz(reader, cases, seed, work, report=None):
     rng = random.Random(f"{reader}-{seed}")
     base = Path(tempfile.mkdtemp(dir=work))
     make_valid(reader, base)
-    ref = reference(reader, base)  # the valid dataset is valid, and loads the same
-    assert same(project_load(reader, base), ref), "the valid dataset does not load as the reference reads it"
+    verdict, ref = in_child(reference, reader, base)  # the valid dataset is valid, and loads the same
+    outcome = in_child(project, reader, base)
+    assert verdict == "valid" and outcome[0] == "loaded" and same(outcome[1:], ref), (verdict, outcome[:2])
     counts = {}
     for _ in range(cases):
         verdict, what = run_case(reader, rng, base, work)
@@ -726,17 +1082,12 @@ def fuzz(reader, cases, seed, work, report=None):
     return counts
 
 
-def alarm(signum, frame):
-    raise Hang()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=1000, help="corruptions per reader (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruptions (default: 0)")
-    p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS), help="(default: all three)")
+    p.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS), help="(default: all four)")
     args = p.parse_args()
-    signal.signal(signal.SIGALRM, alarm)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as work:
         for reader in args.readers:

@@ -223,15 +223,15 @@ def test_em_apl_soft_negatives_replace_the_entropy_term_and_nothing_else():
 
 def test_apl_picks_the_lowest_scored_missing_labels_of_each_class_once():
     scores = torch.tensor([[0.1, 0.9], [0.2, 0.05], [0.3, 0.5], [0.05, 0.6]])
-    missing = torch.tensor([[True, True], [True, True], [True, False], [False, True]])
+    observed = torch.tensor([[False, False], [False, False], [False, True], [True, False]])
     soft = torch.zeros(4, 2, dtype=torch.bool)
     target = torch.zeros(4, 2, dtype=torch.float16)
-    assert em.pick_soft_negatives(scores, missing, soft, target, torch.tensor([1.0, 2.0])) == 3
+    assert em.pick_soft_negatives(scores, observed, soft, target, torch.tensor([1.0, 2.0])) == 3
     # class 0: the lowest missing one is 0.1 (0.05 is observed); class 1: 0.05 and 0.6
     assert soft.tolist() == [[True, False], [False, True], [False, False], [False, True]]
     assert target[1, 1].item() == pytest.approx(0.05, rel=1e-3)
     # the next ones, never one twice: class 0's 0.2, and class 1's one left (0.9), though 2 were asked for
-    assert em.pick_soft_negatives(scores, missing, soft, target, torch.tensor([1.0, 2.0])) == 2
+    assert em.pick_soft_negatives(scores, observed, soft, target, torch.tensor([1.0, 2.0])) == 2
     assert soft.tolist() == [[True, True], [True, True], [False, False], [False, True]]
 
 
