@@ -88,9 +88,8 @@ def time_script(method, data, extra, epochs, device, fast, out, threads):
         return None, wall, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
     m = json.loads(next(out.glob("*/metrics.json")).read_text())
     seconds = [e["seconds"] for e in m["history"][1:]] or [m["history"][0]["seconds"]]
-    for key in ("teacher", "stage1"):  # two-stage methods: both stages' epochs
-        if key in m:
-            seconds += [e["seconds"] for e in m[key]["history"][1:]]
+    if "stage1" in m:  # two-stage methods: both stages' epochs
+        seconds += [e["seconds"] for e in m["stage1"]["history"][1:]]
     return float(np.median(seconds)), wall, m["device"]
 
 
