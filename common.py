@@ -297,11 +297,13 @@ def run_name(args, method):
         dataset = Path(args.dataset).stem
     elif args.dataset == "sonyc" and args.level == "coarse":
         dataset = "sonyc_coarse"
+    elif args.dataset == "audioset" and args.audioset_train != "balanced":
+        dataset = f"audioset_{args.audioset_train}"
     else:
         dataset = args.dataset
     name = f"{dataset}__{method}__seed{args.seed}"
     short = dict(drop_rate="drop", drop_seed="dropseed", teacher_selection="teacher-")
-    in_name_already = NOT_IDENTITY + ("dataset", "dataset_file", "level", "seed")
+    in_name_already = NOT_IDENTITY + ("dataset", "dataset_file", "level", "audioset_train", "seed")
     keys = ["drop_rate", "drop_seed"] + [k for k in vars(args) if k not in ("drop_rate", "drop_seed")]
     for key in keys:
         value = getattr(args, key)

@@ -120,7 +120,11 @@ def main():
     cmd = [sys.executable, str(ROOT / "b0.py"), "--dataset", "audioset", "--data-dir", args.dir, "--audioset-train"]
     cmd += ["unbalanced", "--epochs", "1", "--threads", str(args.threads), "--device", "cpu", "--out", str(out)]
     epoch = measured(cmd)
-    m = json.loads(next(out.glob("audioset__b0__seed0*/metrics.json")).read_text()) if epoch[4] == 0 else None
+    m = (
+        json.loads(next(out.glob("audioset_unbalanced__b0__seed0*/metrics.json")).read_text())
+        if epoch[4] == 0
+        else None
+    )
     print(f"\nclips: unbal_train {args.unbal:,}, eval 20,371; 527 classes; b0.py, 1 epoch, {args.threads} thread(s)")
     print("| step | peak RSS MiB | wall s | data loaded after s | epoch s |\n|---|---|---|---|---|")
     print(f"| first read: check every record, write the caches | {first[0]:,.0f} | {first[1]:.0f} | | |")

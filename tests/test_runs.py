@@ -125,6 +125,14 @@ def test_the_end_of_a_run_says_what_it_left(tmp_path, h5):
     assert not (run_dirs(tmp_path)[0] / runcheck.LOCK_NAME).exists()
     best = metrics_of(tmp_path)["best_epoch"]
     assert ("the selected epoch is the last" in p.stderr) == (best == 2)
+    assert ("the result is the network of epoch 1" in p.stderr) == (best == 1)
+
+
+def test_a_result_from_epoch_1_warns(tmp_path):
+    p = ok(call("b0.py", "--epochs", 3, "--out", tmp_path))  # B0 on these data: its observed-label loss rises
+    best = metrics_of(tmp_path)["best_epoch"]
+    assert ("the result is the network of epoch 1 of 3" in p.stderr) == (best == 1)
+    assert ("the selected epoch is the last" in p.stderr) == (best == 3)
 
 
 @pytest.mark.optional
@@ -327,7 +335,7 @@ def test_load_run_from_python(trained):
         ("truncated npz", "not an .npz"),
         ("random bytes .h5", "cannot read"),
         ("object keys", "cannot read"),
-        ("metrics.json", "expected an .h5 or .npz"),
+        ("metrics.json", "expected an .h5, .npz or .tfrecord file"),
         ("missing", "no such file"),
     ],
 )
