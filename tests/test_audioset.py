@@ -362,3 +362,18 @@ def test_a_sweep_on_audioset_tables_its_map(runs_on_audioset, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert {r["method"] for r in summary["rows"]} == {"b0", "em"} and all("map" in r for r in summary["rows"])
     assert len(run_dirs(tmp_path / "o")) == 4
+
+
+@pytest.mark.optional
+def test_the_figures_of_an_audioset_sweep_plot_its_map(aset, tmp_path):
+    from tests.conftest import optional_package
+
+    optional_package("matplotlib")
+    import figures
+
+    data_dir, _ = aset
+    grid = ["--dataset", "audioset", "--data-dir", data_dir, "--methods", "b0", "--seeds", 0, "--epochs", 1]
+    ok(call("simulate_missing.py", *grid, "--plot", "--out", tmp_path / "o"))
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert figures.paper_metrics(summary) == dict(fig4="map", fig5="map")
+    assert (tmp_path / "o" / "fig4.png").read_bytes()[:4] == b"\x89PNG"
