@@ -61,14 +61,23 @@ def gr_loss_matrix(p, y, observed, w, b, mu, sigma, q2, q3):
     return observed * bce + (1 - observed) * missing_loss
 
 
-def pair(value):
-    """An argparse type: 'FIRST,LAST', a schedule's first and last value."""
-    first, sep, last = value.partition(",")
-    try:
-        return (float(first), float(last)) if sep else None
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected FIRST,LAST (two numbers, e.g. 0,2), got {value!r}")
+def pair(lo=-100.0, hi=100.0):
+    """An argparse type: 'FIRST,LAST', a schedule's first and last value, each in [lo, hi]; one number is both.
+    A value that starts with a minus sign is given as --k-bias=-2,-2 (argparse would take -2,-2 for an option)."""
+
+    def parse(value):
+        parts = value.split(",")
+        try:
+            numbers = [float(v) for v in parts] if len(parts) in (1, 2) else []
+        except ValueError:
+            numbers = []
+        if not numbers or not all(lo <= v <= hi for v in numbers):  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(
+                f"expected FIRST,LAST (two numbers in [{lo:g}, {hi:g}], e.g. 0,2) or one number, got {value!r}"
+            )
+        return (numbers[0], numbers[-1])
+
+    return parse
 
 
 def get_parser():
@@ -89,10 +98,12 @@ def get_parser():
     p.add_argument("--layers", type=common.positive_int, help="hidden layers L (default: Table I, below)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden width H (default: Table I, below)")
     p.add_argument("--dropout", type=common.float_in(0, 1, hi_open=True), help="dropout (default: Table I, below)")
-    p.add_argument("--k-weight", type=pair, default=(0.0, 2.0), help="w of K, first,last (default: 0,2)")
-    p.add_argument("--k-bias", type=pair, default=(-2.0, -2.0), help="b of K, first,last (default: -2,-2)")
-    p.add_argument("--v-mean", type=pair, default=(0.5, 0.8), help="mu of V, first,last (default: 0.5,0.8)")
-    p.add_argument("--v-width", type=pair, default=(2.0, 0.5), help="sigma of V, first,last (default: 2,0.5)")
+    p.add_argument("--k-weight", type=pair(), default=(0.0, 2.0), help="w of K, FIRST,LAST (default: 0,2)")
+    p.add_argument(
+        "--k-bias", type=pair(), default=(-2.0, -2.0), help="b of K, as --k-bias=FIRST,LAST (default: -2,-2)"
+    )
+    p.add_argument("--v-mean", type=pair(), default=(0.5, 0.8), help="mu of V, FIRST,LAST (default: 0.5,0.8)")
+    p.add_argument("--v-width", type=pair(1e-3), default=(2.0, 0.5), help="sigma of V, FIRST,LAST (default: 2,0.5)")
     p.add_argument("--q2", type=common.float_in(1e-6, 10), default=0.01, help="q2 of L1, positives (default: 0.01)")
     p.add_argument("--q3", type=common.float_in(1e-6, 10), default=1.0, help="q3 of L2, negatives (default: 1)")
     return common.add_run_args(p)

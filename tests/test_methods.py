@@ -2,6 +2,7 @@
 --fast can capture them), the learning-rate history, label enhancement's teacher selection, inputs at
 odd scales, le_mean_teacher.py's copies, and, where CUDA is present, --fast against the eager run."""
 
+import argparse
 import inspect
 import json
 import subprocess
@@ -256,6 +257,19 @@ def test_gr_schedules_at_their_ends_are_the_official_ones():
     assert gr_loss.schedule(1, 100, 0.5, 0.8, offset=0) == pytest.approx(0.503)  # mu: 1 / E of the way at once
     assert gr_loss.schedule(100, 100, 0.5, 0.8, offset=0) == pytest.approx(0.8)
     assert gr_loss.schedule(4, 8, 0.5, 0.8, offset=0) == gr_loss.schedule(50, 100, 0.5, 0.8, offset=0)  # same share
+
+
+@pytest.mark.parametrize("text, expected", [("0,2", (0.0, 2.0)), ("-2,-1", (-2.0, -1.0)), ("3", (3.0, 3.0))])
+def test_gr_schedule_pairs_read_first_and_last(text, expected):
+    assert gr_loss.pair()(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "1,2,3", "a,1", "nan,1", "1,inf", "0,1e9", ","])
+def test_gr_schedule_pairs_refuse_what_is_not_two_finite_numbers(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="FIRST,LAST"):
+        gr_loss.pair()(text)
+    with pytest.raises(argparse.ArgumentTypeError):  # sigma must stay positive: V divides by it
+        gr_loss.pair(1e-3)("0,1")
 
 
 def test_boost_scales_the_positive_frame_scores_only_and_is_saved_with_the_model():
