@@ -139,3 +139,20 @@ def test_the_table_of_networks_in_model_pt_names_every_method():
     runs = (ROOT / "docs" / "runs.md").read_text()
     table = runs[runs.index("The networks in `model.pt`") :].split("\n\n")[1]
     assert [m for m in METHODS if f" {figures.PAPER_NAMES[m]}" not in table.replace(",", " ")] == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_table_is_well_formed_and_appears_once(doc):
+    """A row opens and closes with '|' and has its header's columns; no table's body is printed twice."""
+    tables, current = [], []
+    for line in doc.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    for table in tables:
+        width = [row.replace("\\|", "").count("|") for row in table]  # an escaped \| is text
+        assert [r for r, w in zip(table, width) if not r.rstrip().endswith("|") or w != width[0]] == [], table[0]
+    bodies = ["\n".join(t[2:]) for t in tables if len(t) > 2]
+    assert [b.splitlines()[0] for b in bodies if bodies.count(b) > 1] == []
